@@ -1,0 +1,3 @@
+"""vmdp: incremental-forever VM backups with resilient change tracking."""
+
+__version__ = "0.1.0"

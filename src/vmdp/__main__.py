@@ -1,0 +1,3 @@
+from vmdp.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Backup and restore orchestration, and the read/hash/compress/store pipeline."""

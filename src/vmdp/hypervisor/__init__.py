@@ -1,0 +1,1 @@
+"""Connectors: the only code that speaks QMP, NBD, libvirt or WMI."""

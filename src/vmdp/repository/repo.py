@@ -1,0 +1,183 @@
+"""The local-directory repository: chunks, indexes, manifests, catalog and locks.
+
+Layout under the repository root::
+
+    vmdp-repo.json              format, chunk size, digest and compression
+    chunks/ab/<hex digest>      one stored chunk (see chunks.py)
+    indexes/ab/<hex digest>     one stored disk index, encoded like a chunk
+    manifests/<backup_id>.json  one version
+    catalog.sqlite              derived from manifests/, rebuilt when missing
+    locks/                      flock files: one per VM
+    tmp/                        temp files before their atomic rename
+
+Order of durability: chunks, then index, then manifest, then catalog row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmdp.errors import LockedError, NotFound, RepositoryError
+from vmdp.model import Version
+from vmdp.repository import chunks, manifest
+from vmdp.repository.catalog import Catalog
+from vmdp.repository.files import fsync_dir, os_error, write_atomic
+from vmdp.repository.index import DiskIndex
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+CONFIG_NAME = "vmdp-repo.json"
+
+
+class Repository:
+    def __init__(self, root: Path, chunk_size: int, repo_id: str) -> None:
+        self.root = root
+        self.chunk_size = chunk_size
+        self.id = repo_id
+        self.tmp = root / "tmp"
+        self._dirty_dirs: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+        catalog_path = root / "catalog.sqlite"
+        rebuild = not catalog_path.exists()
+        self.catalog = Catalog(catalog_path)
+        if rebuild:
+            self.rebuild_catalog()
+
+    @classmethod
+    def open(cls, root: Path, create: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+        """Open the repository at `root`, creating it on first use when `create` is set."""
+        config = root / CONFIG_NAME
+        if not config.exists():
+            if not create:
+                raise NotFound(f"no vmdp repository at {root}", "check --repo or VMDP_REPO")
+            if root.exists() and any(root.iterdir()):
+                raise RepositoryError(
+                    f"{root} is not empty and is not a vmdp repository", "choose an empty or new directory for --repo"
+                )
+            try:
+                for sub in ("chunks", "indexes", "manifests", "locks", "tmp"):
+                    (root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, root) from exc
+            doc = {
+                "format": "vmdp-repo",
+                "format_version": 1,
+                "id": uuid.uuid4().hex,
+                "chunk_size": chunk_size,
+                "digest": "blake3",
+                "compression": "zstd",
+            }
+            write_atomic(config, json.dumps(doc, indent=1).encode(), root / "tmp")
+        try:
+            doc = json.loads(config.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(f"cannot read {config}: {exc}", "check the path given with --repo") from exc
+        if doc.get("format") != "vmdp-repo" or doc.get("format_version") != 1:
+            raise RepositoryError(f"{config} is of an unknown format", "use a vmdp version that wrote it")
+        return cls(root, int(doc["chunk_size"]), str(doc["id"]))
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # chunks -----------------------------------------------------------------
+
+    def _object_path(self, kind: str, digest: bytes) -> Path:
+        name = digest.hex()
+        return self.root / kind / name[:2] / name
+
+    def _put(self, kind: str, digest: bytes, data: bytes | memoryview) -> int:
+        path = self._object_path(kind, digest)
+        if path.exists():
+            return 0
+        try:
+            path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, path.parent) from exc
+        stored = chunks.encode(data)
+        write_atomic(path, stored, self.tmp, sync_dir=False)
+        with self._dirty_lock:
+            self._dirty_dirs.add(path.parent)
+        return len(stored)
+
+    def put_chunk(self, data: bytes | memoryview) -> tuple[bytes, int]:
+        """Store one slot's content; return its digest and the bytes newly stored (0 if deduplicated)."""
+        if chunks.is_zero(data):
+            return chunks.ZERO_DIGEST, 0
+        digest = chunks.digest(data)
+        return digest, self._put("chunks", digest, data)
+
+    def get_chunk(self, digest: bytes, what: str) -> bytes:
+        path = self._object_path("chunks", digest)
+        try:
+            stored = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise RepositoryError(f"{what}: chunk {digest.hex()} is missing", "run 'vmdp verify'") from exc
+        return chunks.decode(stored, digest, f"{what} (chunk {digest.hex()})")
+
+    def sync(self) -> None:
+        """Make every object written so far durable (their directory entries included)."""
+        with self._dirty_lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        for d in sorted(dirs | {d.parent for d in dirs}):
+            fsync_dir(d)
+
+    # indexes ----------------------------------------------------------------
+
+    def put_index(self, index: DiskIndex) -> str:
+        data = index.to_bytes()
+        digest = chunks.digest(data)
+        self._put("indexes", digest, data)
+        return digest.hex()
+
+    def get_index(self, digest_hex: str, what: str) -> DiskIndex:
+        digest = bytes.fromhex(digest_hex)
+        try:
+            stored = self._object_path("indexes", digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise RepositoryError(f"{what}: index {digest_hex} is missing", "run 'vmdp verify'") from exc
+        return DiskIndex.from_bytes(chunks.decode(stored, digest, what), what)
+
+    # versions ---------------------------------------------------------------
+
+    def commit(self, version: Version) -> None:
+        """Make `version` restorable: objects first, then its manifest, then the catalog row."""
+        self.sync()
+        write_atomic(self.root / "manifests" / f"{version.backup_id}.json", manifest.to_bytes(version), self.tmp)
+        self.catalog.add(version)
+
+    def versions(self, vm: str | None = None) -> list[Version]:
+        return self.catalog.versions(vm)
+
+    def rebuild_catalog(self) -> int:
+        """Recreate the catalog from the manifests alone; return the number of versions."""
+        found = [manifest.from_bytes(p.read_bytes(), str(p)) for p in sorted((self.root / "manifests").glob("*.json"))]
+        self.catalog.replace_all(found)
+        return len(found)
+
+    @contextlib.contextmanager
+    def lock_vm(self, vm_uuid: str, vm: str) -> Iterator[None]:
+        """Hold the VM's backup lock; the kernel releases it if this process dies."""
+        path = self.root / "locks" / f"vm-{vm_uuid}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise os_error(exc, path) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                raise LockedError(
+                    f"another backup of VM {vm} is running (pid {holder})", "wait for it to finish, then retry"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
