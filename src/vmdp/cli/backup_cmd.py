@@ -56,11 +56,14 @@ def backup_vm_cmd(
     if not settings.qmp:
         raise UsageError("no QMP socket to look for VMs in", "pass --qmp GLOB or set VMDP_QMP")
     requested = Mode(mode.upper())
-    repository = open_repository(settings, create=not preview)
     if preview:
+        # a preview writes nothing, so a repository that does not exist yet is just empty
+        exists = (settings.repository / "vmdp-repo.json").exists()
+        repository = open_repository(settings, create=False) if exists else None
         docs = [_preview(repository, find_vm(settings.qmp, name), requested) for name in names]
         _print_preview(docs, as_json)
         return
+    repository = open_repository(settings, create=True)
     progress = output.BarProgress() if sys.stderr.isatty() else None
     made, failed = [], []
     for name in names:

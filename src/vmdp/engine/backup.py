@@ -75,9 +75,9 @@ def check_trackable(vm: VM) -> None:
         raise HypervisorError(f"VM {vm.name} has no writable disk to back up")
 
 
-def preview(vm: VM, repo: Repository, mode: Mode) -> list[DiskPreview]:
+def preview(vm: VM, repo: Repository | None, mode: Mode) -> list[DiskPreview]:
     """What a backup would do, without touching QEMU beyond the queries discovery made."""
-    last = last_version(repo, vm)
+    last = last_version(repo, vm) if repo else None
     out = []
     for disk in vm.disks:
         prev, reason = disk_reason(disk, last, mode)

@@ -1,0 +1,59 @@
+"""A multi-disk VM whose disks are far larger than the memory vmdp may use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+RSS_LIMIT = 200 * MiB
+
+
+def run_measured(args: list[str], env: dict[str, str]) -> tuple[int, int, str]:
+    """Run vmdp; return its exit code, peak RSS in bytes and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmdp", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024, err
+
+
+def test_large_sparse_multi_disk_backup_has_bounded_memory(vms, workdir: Path) -> None:
+    vm = vms(disks={"vda": 16 * GiB, "vdb": 2 * GiB})
+    written = 0
+    for i in range(8):
+        vm.write_data("vda", i * 2 * GiB + 12345, os.urandom(40 * MiB))
+        vm.write_pattern("vda", i * 2 * GiB + GiB, 40 * MiB, i + 1)
+        written += 80 * MiB
+    vm.write_data("vdb", GiB - 4096, os.urandom(64 * MiB))
+    written += 64 * MiB
+    env = {
+        **os.environ,
+        "VMDP_REPO": str(workdir / "repo"),
+        "VMDP_QMP": str(vm.qmp_path),
+        "VMDP_SCRATCH": str(workdir / "scratch"),
+        "VMDP_CONFIG": "",
+    }
+    code, rss, err = run_measured(["backup", "vm", "vm1"], env)
+    assert code == 0, err
+    assert written > 3 * RSS_LIMIT and rss < RSS_LIMIT, f"peak RSS {rss / MiB:.0f} MiB"
+    assert list((workdir / "scratch").iterdir()) == []
+    vm.stop()  # QEMU flushes the images: they now hold exactly the backed-up state
+    code, rss, err = run_measured(["restore", "vm", "vm1", "--target-dir", str(workdir / "r"), "--format", "raw"], env)
+    assert code == 0, err
+    assert rss < RSS_LIMIT, f"restore peak RSS {rss / MiB:.0f} MiB"
+    for disk in ("vda", "vdb"):
+        restored = workdir / "r" / f"vm1-{disk}.raw"
+        assert restored.stat().st_blocks * 512 < GiB, "the restored image is not sparse"
+        cmp = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(vm.image(disk)), str(restored)],
+            capture_output=True,
+            text=True,
+        )
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
