@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 import signal
@@ -52,6 +53,20 @@ def dsmc_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _tune_malloc() -> None:
+    """Keep freed chunk-sized buffers in the heap.
+
+    By default glibc maps every 4 MiB buffer fresh from the kernel and unmaps it when freed,
+    so each chunk costs a thousand page faults: half of a backup's time in benchmarks/.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # SIGTERM unwinds like Ctrl-C, so snapshots and tracking points are cleaned up.
     raise KeyboardInterrupt
@@ -60,6 +75,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="vmdp: %(levelname)s: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    _tune_malloc()
     args = dsmc_argv(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:

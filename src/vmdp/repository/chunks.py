@@ -31,11 +31,12 @@ def _compressor() -> zstandard.ZstdCompressor:
     return _local.c
 
 
-def encode(data: bytes | memoryview) -> bytes:
+def encode(data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
+    """The tag and the payload to store, kept apart so that writing them copies nothing."""
     packed = _compressor().compress(data)
     if len(packed) < len(data):
-        return b"Z" + packed
-    return b"R" + bytes(data)
+        return b"Z", packed
+    return b"R", data
 
 
 def decode(stored: bytes, expected: bytes, what: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmdp.errors import RepositoryError
@@ -33,15 +34,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview, tmp_dir: Path, sync_dir: bool = True) -> None:
-    """Write `data` to `path` so that readers see either nothing or all of it."""
+def write_atomic(
+    path: Path, data: bytes | memoryview | Sequence[bytes | memoryview], tmp_dir: Path, sync_dir: bool = True
+) -> None:
+    """Write `data` (one buffer or several, written in order) to `path`: readers see nothing or all of it."""
+    parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else [memoryview(p) for p in data]
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{threading.get_ident():x}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            while parts:
+                written = os.writev(fd, parts)
+                while parts and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if parts:
+                    parts[0] = parts[0][written:]
             os.fsync(fd)
         finally:
             os.close(fd)

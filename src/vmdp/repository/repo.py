@@ -99,11 +99,11 @@ class Repository:
             path.parent.mkdir(exist_ok=True)
         except OSError as exc:
             raise os_error(exc, path.parent) from exc
-        stored = chunks.encode(data)
-        write_atomic(path, stored, self.tmp, sync_dir=False)
+        tag, payload = chunks.encode(data)
+        write_atomic(path, (tag, payload), self.tmp, sync_dir=False)
         with self._dirty_lock:
             self._dirty_dirs.add(path.parent)
-        return len(stored)
+        return len(tag) + len(payload)
 
     def put_chunk(self, data: bytes | memoryview) -> tuple[bytes, int]:
         """Store one slot's content; return its digest and the bytes newly stored (0 if deduplicated)."""
