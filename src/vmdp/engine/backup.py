@@ -45,8 +45,8 @@ class DiskPreview:
 
 
 def now() -> str:
-    # microseconds: versions made within one second still sort (and pick the active one) correctly
-    return datetime.now(UTC).astimezone().isoformat(timespec="microseconds")
+    # UTC with microseconds: versions sort by time even across DST changes and within one second
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def new_backup_id() -> str:

@@ -22,6 +22,8 @@ def to_bytes(version: Version) -> bytes:
 def from_bytes(data: bytes, what: str) -> Version:
     try:
         doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
         if doc.pop("format") != FORMAT or doc.pop("format_version") != FORMAT_VERSION:
             raise ValueError("unknown format")
         disks = [DiskVersion(**{**d, "mode": Mode(d["mode"])}) for d in doc.pop("disks")]

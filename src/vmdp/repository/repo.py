@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +29,11 @@ from pathlib import Path
 from vmdp.errors import LockedError, NotFound, RepositoryError
 from vmdp.model import Version
 from vmdp.repository import chunks, manifest
-from vmdp.repository.catalog import Catalog
+from vmdp.repository.catalog import Catalog, CatalogDamaged
 from vmdp.repository.files import fsync_dir, os_error, write_atomic
 from vmdp.repository.index import DiskIndex
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 CONFIG_NAME = "vmdp-repo.json"
@@ -43,16 +47,33 @@ class Repository:
         self.tmp = root / "tmp"
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
-        catalog_path = root / "catalog.sqlite"
-        rebuild = not catalog_path.exists()
-        self.catalog = Catalog(catalog_path)
-        if rebuild:
-            self.rebuild_catalog()
+        self.catalog = self._open_catalog()
+
+    def _open_catalog(self) -> Catalog:
+        """Open the catalog, rebuilding it when it lacks a manifest's version or cannot be read."""
+        path = self.root / "catalog.sqlite"
+        try:
+            catalog = Catalog(path)
+            if catalog.backup_ids() != {p.stem for p in (self.root / "manifests").glob("*.json")}:
+                catalog.replace_all(self._manifests())
+            return catalog
+        except CatalogDamaged as exc:
+            aside = path.with_name(f"catalog.sqlite.damaged-{int(time.time())}")
+            log.warning("%s; moved it to %s and rebuilt it from the manifests", exc.message, aside.name)
+            path.rename(aside)
+            catalog = Catalog(path)
+            catalog.replace_all(self._manifests())
+            return catalog
+
+    def _manifests(self) -> list[Version]:
+        return [manifest.from_bytes(p.read_bytes(), str(p)) for p in sorted((self.root / "manifests").glob("*.json"))]
 
     @classmethod
     def open(cls, root: Path, create: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
         """Open the repository at `root`, creating it on first use when `create` is set."""
         config = root / CONFIG_NAME
+        if root.exists() and not root.is_dir():
+            raise RepositoryError(f"{root} is a file, not a repository directory", "give --repo a directory")
         if not config.exists():
             if not create:
                 raise NotFound(f"no vmdp repository at {root}", "check --repo or VMDP_REPO")
