@@ -22,7 +22,7 @@ BLOCK = 64 << 10  # zero runs shorter than this are written; longer ones left as
 _ZERO_BLOCK = memoryview(bytes(BLOCK))
 
 
-def nonzero_runs(data: bytes, base: int) -> list[tuple[int, memoryview]]:
+def nonzero_runs(data: bytes | memoryview, base: int) -> list[tuple[int, memoryview]]:
     """Split `data` at `base` into (offset, bytes) runs, leaving out all-zero 64 KiB blocks."""
     view = memoryview(data)
     runs: list[tuple[int, memoryview]] = []
@@ -41,7 +41,7 @@ def nonzero_runs(data: bytes, base: int) -> list[tuple[int, memoryview]]:
 
 
 class ImageWriter(Protocol):
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
 
     def close(self) -> None: ...
 
@@ -57,7 +57,7 @@ class RawWriter:
         except OSError as exc:
             raise RepositoryError(f"cannot create {path}: {exc.strerror}", "check --target-dir") from exc
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         for pos, run in nonzero_runs(data, offset):
             while run:
                 written = os.pwrite(self.fd, run, pos)
@@ -119,7 +119,7 @@ class Qcow2Writer:
                 self._handles.append(h)
         return self._local.h
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         h = self._handle()
         for pos, run in nonzero_runs(data, offset):
             h.pwrite(run, pos)

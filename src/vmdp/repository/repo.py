@@ -133,7 +133,7 @@ class Repository:
         digest = chunks.digest(data)
         return digest, self._put("chunks", digest, data)
 
-    def get_chunk(self, digest: bytes, what: str) -> bytes:
+    def get_chunk(self, digest: bytes, what: str) -> bytes | memoryview:
         path = self._object_path("chunks", digest)
         try:
             stored = path.read_bytes()
@@ -162,7 +162,7 @@ class Repository:
             stored = self._object_path("indexes", digest).read_bytes()
         except FileNotFoundError as exc:
             raise RepositoryError(f"{what}: index {digest_hex} is missing", "run 'vmdp verify'") from exc
-        return DiskIndex.from_bytes(chunks.decode(stored, digest, what), what)
+        return DiskIndex.from_bytes(bytes(chunks.decode(stored, digest, what)), what)
 
     # versions ---------------------------------------------------------------
 
