@@ -172,3 +172,13 @@ def test_config_file_sets_repository_and_sockets(vms, vmdp, workdir: Path) -> No
     cfg.write_text('colour = "blue"\n')
     bad = vmdp("query", "vm", "--config", str(cfg))
     assert bad.code == 2 and "unknown key 'colour'" in bad.err and str(cfg) in bad.err
+
+
+def test_vm_without_uuid_is_keyed_by_name_with_a_warning(vms, vmdp) -> None:
+    vms(uuid="")
+    run = vmdp("backup", "vm", "vm1", "--json")
+    assert run.code == 0, run.err
+    assert "has no -uuid" in run.err
+    assert run.json()[0]["uuid"] == "vm1"
+    again = vmdp("backup", "vm", "vm1", "--json")
+    assert again.json()[0]["mode"] == "IFINCR"

@@ -41,7 +41,7 @@ def restore() -> None:
 @click.option("--pitdate", metavar="YYYY-MM-DD", help="Restore the latest version made at or before this date.")
 @click.option("--pittime", metavar="HH:MM:SS", help="With --pitdate: the time of day (local time).")
 @click.option("--target-dir", required=True, type=click.Path(file_okay=False), help="Directory for the images.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qcow2", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="qcow2", show_default=True, help="Image format.")
 @click.option("--vmname", metavar="NEWNAME", help="Name the images after NEWNAME instead of the VM.")
 @click.option("--replace", is_flag=True, help="Overwrite images that already exist.")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Parallel chunk readers.")
