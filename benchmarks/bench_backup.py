@@ -352,6 +352,8 @@ class Results:
 
         out: dict[str, float | None] = {
             "ifull_rate_vs_nbdcopy": div(value("ifull", "mb_per_s"), value("nbdcopy", "mb_per_s")),
+            # read + write + fsync of the same data: the limit when the repository disk is the bottleneck
+            "ifull_time_vs_convert": div(value("convert_raw", "seconds"), value("ifull", "seconds")),
             "ifincr_time_vs_ifull": div(value("ifincr", "seconds"), value("ifull", "seconds")),
             "ifincr_read_vs_changed": div(value("ifincr", "bytes"), self.notes.get("changed_bytes")),
             "ifull_stored_vs_read": div(value("ifull", "stored_bytes"), value("ifull", "bytes")),
@@ -369,6 +371,7 @@ class Results:
 
 RATIO_TITLES = {
     "ifull_rate_vs_nbdcopy": "vmdp IFFULL MB/s ÷ nbdcopy MB/s (read limit)",
+    "ifull_time_vs_convert": "qemu-img convert raw time ÷ vmdp IFFULL time (read+write limit)",
     "ifincr_time_vs_ifull": "vmdp IFINCR time ÷ IFFULL time",
     "ifincr_read_vs_changed": "vmdp IFINCR bytes read ÷ bytes changed",
     "ifull_stored_vs_read": "vmdp IFFULL bytes stored ÷ bytes read",
