@@ -82,6 +82,7 @@ class DiskVersion:
     stored_bytes: int = 0
     tracking_point: str | None = None
     granularity: int | None = None
+    tracking: str = "ok"  # state of the expected tracking point when the backup started
 
 
 @dataclass

@@ -14,7 +14,8 @@ from vmdp.cli.common import common_options, open_repository, resolve
 from vmdp.engine.backup import BackupOptions, backup_vm, preview
 from vmdp.errors import UsageError, VmdpError
 from vmdp.hypervisor.qemu import find_vm
-from vmdp.model import Mode
+from vmdp.model import VM, Mode
+from vmdp.repository import Repository
 
 log = logging.getLogger("vmdp")
 
@@ -91,23 +92,24 @@ def backup_vm_cmd(
         raise VmdpError(f"backup failed for {', '.join(failed)}")
 
 
-def _preview(repository: Any, vm: Any, requested: Mode) -> dict[str, Any]:
-    disks = preview(vm, repository, requested)
-    full = [d for d in disks if d.mode is Mode.IFFULL]
+def _preview(repository: Repository | None, vm: VM, requested: Mode) -> dict[str, Any]:
+    decisions = preview(vm, repository, requested)
+    full = [d for d in decisions if d.base is None]
     return {
         "vm": vm.name,
         "uuid": vm.uuid,
         "mode": (Mode.IFFULL if full else Mode.IFINCR).value,
         "disks": [
             {
-                "name": d.name,
-                "location": d.location,
-                "format": d.format,
-                "capacity": d.capacity,
+                "name": d.disk.name,
+                "location": d.disk.location,
+                "format": d.disk.format,
+                "capacity": d.disk.capacity,
                 "mode": d.mode.value,
+                "tracking": d.tracking,
                 "reason": d.reason or "tracking point ok",
             }
-            for d in disks
+            for d in decisions
         ],
     }
 

@@ -92,7 +92,7 @@ def versions_table(versions: list[Version], detail: bool) -> None:
             f"incrementals since last IFFULL: {incrementals_since_full(v, versions)})"
         )
         disks = Table(box=None, pad_edge=False)
-        for col in ("Disk", "Location", "Capacity", "Mode", "Read", "Stored", "Tracking point", "Reason"):
+        for col in ("Disk", "Location", "Capacity", "Mode", "Read", "Stored", "Tracking", "Tracking point", "Reason"):
             disks.add_column(col)
         for d in v.disks:
             disks.add_row(
@@ -102,6 +102,7 @@ def versions_table(versions: list[Version], detail: bool) -> None:
                 d.mode.value,
                 size(d.read_bytes),
                 size(d.stored_bytes),
+                d.tracking,
                 d.tracking_point or "-",
                 d.reason or "",
             )

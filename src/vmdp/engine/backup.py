@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmdp.engine.pipeline import backup_disk, planned_bytes
-from vmdp.engine.planning import disk_reason, version_reason
+from vmdp.engine.planning import DiskDecision, decide, version_reason
 from vmdp.engine.progress import NoProgress, Progress
 from vmdp.errors import HypervisorError
-from vmdp.hypervisor.qemu import DiskPlan, QemuSession
+from vmdp.hypervisor.qemu import DiskPlan, DiskSnapshot, QemuSession, Snapshot
 from vmdp.model import VM, DiskVersion, Mode, Version
 from vmdp.repository import Repository
 
@@ -32,16 +32,6 @@ class BackupOptions:
     scratch: Path = Path("/var/tmp/vmdp")
     workers: int = 4
     progress: Progress = field(default_factory=NoProgress)
-
-
-@dataclass
-class DiskPreview:
-    name: str
-    location: str
-    format: str
-    capacity: int
-    mode: Mode
-    reason: str | None
 
 
 def now() -> str:
@@ -75,18 +65,10 @@ def check_trackable(vm: VM) -> None:
         raise HypervisorError(f"VM {vm.name} has no writable disk to back up")
 
 
-def preview(vm: VM, repo: Repository | None, mode: Mode) -> list[DiskPreview]:
+def preview(vm: VM, repo: Repository | None, mode: Mode) -> list[DiskDecision]:
     """What a backup would do, without touching QEMU beyond the queries discovery made."""
     last = last_version(repo, vm) if repo else None
-    out = []
-    for disk in vm.disks:
-        prev, reason = disk_reason(disk, last, mode)
-        out.append(
-            DiskPreview(
-                disk.name, disk.location, disk.format, disk.capacity, Mode.IFINCR if prev else Mode.IFFULL, reason
-            )
-        )
-    return out
+    return [decide(disk, last, mode) for disk in vm.disks]
 
 
 def backup_vm(vm: VM, repo: Repository, opts: BackupOptions) -> Version:
@@ -100,6 +82,38 @@ def backup_vm(vm: VM, repo: Repository, opts: BackupOptions) -> Version:
             session.close()
 
 
+def _backup_disk(
+    snap: Snapshot, ds: DiskSnapshot, decision: DiskDecision, repo: Repository, opts: BackupOptions
+) -> DiskVersion:
+    disk, prev = decision.disk, decision.base
+    base_index = repo.get_index(prev.index, f"index of {snap.vm_name} {disk.name}") if prev else None
+    control = snap.reader(ds)
+    try:
+        total = planned_bytes(control, disk.capacity, repo.chunk_size, prev is not None)
+        opts.progress.start(f"{snap.vm_name} {disk.name}", total)
+        res = backup_disk(
+            lambda: snap.reader(ds), repo, disk.capacity, base_index, opts.workers, opts.progress.advance, control
+        )
+    finally:
+        control.close()
+        opts.progress.finish()
+    return DiskVersion(
+        name=disk.name,
+        location=disk.location,
+        format=disk.format,
+        capacity=disk.capacity,
+        chunk_size=repo.chunk_size,
+        index=repo.put_index(res.index),
+        mode=decision.mode,
+        reason=decision.reason,
+        read_bytes=res.read_bytes,
+        stored_bytes=res.stored_bytes,
+        tracking_point=snap.new_point,
+        granularity=ds.granularity,
+        tracking=decision.tracking,
+    )
+
+
 def _backup(session: QemuSession, repo: Repository, opts: BackupOptions) -> Version:
     last = last_version(repo, session.vm)
     keep = {d.name: d.tracking_point for d in last.disks} if last else {}
@@ -107,56 +121,17 @@ def _backup(session: QemuSession, repo: Repository, opts: BackupOptions) -> Vers
         log.warning("removed leftover of an earlier run: %s", line)
     vm = session.vm
     check_trackable(vm)
-    plans, bases, reasons = [], {}, {}
-    for disk in vm.disks:
-        prev, reason = disk_reason(disk, last, opts.mode)
-        plans.append(DiskPlan(disk, prev.tracking_point if prev else None))
-        if prev:
-            bases[disk.name] = prev
-        else:
-            reasons[disk.name] = reason or "IFFULL"
+    decisions = [decide(disk, last, opts.mode) for disk in vm.disks]
+    reasons = {d.disk.name: d.reason or "IFFULL" for d in decisions if d.base is None}
     backup_id = new_backup_id()
     started = now()
+    plans = [DiskPlan(d.disk, d.base.tracking_point if d.base else None) for d in decisions]
     snap = session.snapshot(plans, f"{namespace(repo)}-{backup_id}")
     ok = False
     try:
-        disks = []
-        for ds in snap.disks:
-            disk = ds.plan.disk
-            prev = bases.get(disk.name)
-            base_index = repo.get_index(prev.index, f"index of {vm.name} {disk.name}") if prev else None
-            control = snap.reader(ds)
-            try:
-                total = planned_bytes(control, disk.capacity, repo.chunk_size, prev is not None)
-                opts.progress.start(f"{vm.name} {disk.name}", total)
-                res = backup_disk(
-                    lambda ds=ds: snap.reader(ds),
-                    repo,
-                    disk.capacity,
-                    base_index,
-                    opts.workers,
-                    opts.progress.advance,
-                    control,
-                )
-            finally:
-                control.close()
-                opts.progress.finish()
-            disks.append(
-                DiskVersion(
-                    name=disk.name,
-                    location=disk.location,
-                    format=disk.format,
-                    capacity=disk.capacity,
-                    chunk_size=repo.chunk_size,
-                    index=repo.put_index(res.index),
-                    mode=Mode.IFINCR if prev else Mode.IFFULL,
-                    reason=reasons.get(disk.name),
-                    read_bytes=res.read_bytes,
-                    stored_bytes=res.stored_bytes,
-                    tracking_point=snap.new_point,
-                    granularity=ds.granularity,
-                )
-            )
+        disks = [
+            _backup_disk(snap, ds, decision, repo, opts) for ds, decision in zip(snap.disks, decisions, strict=True)
+        ]
         ok = True
     finally:
         session.release(snap)

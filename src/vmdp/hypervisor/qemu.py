@@ -165,6 +165,7 @@ class Snapshot:
     token: str
     socket: Path
     new_point: str
+    vm_name: str
     disks: list[DiskSnapshot] = field(default_factory=list)
     server: bool = False
 
@@ -263,7 +264,12 @@ class QemuSession:
     def snapshot(self, plans: list[DiskPlan], new_point: str) -> Snapshot:
         """Take the point-in-time snapshot and the new tracking point of every planned disk at once."""
         token = secrets.token_hex(3)
-        snap = Snapshot(token=token, socket=self.scratch / f"{self.file_prefix}-{token}.nbd", new_point=new_point)
+        snap = Snapshot(
+            token=token,
+            socket=self.scratch / f"{self.file_prefix}-{token}.nbd",
+            new_point=new_point,
+            vm_name=self.vm.name,
+        )
         try:
             actions: list[dict[str, Any]] = []
             for i, plan in enumerate(plans):

@@ -47,7 +47,19 @@ class Repository:
         self.tmp = root / "tmp"
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._sweep_tmp()
         self.catalog = self._open_catalog()
+
+    def _sweep_tmp(self) -> None:
+        """Remove temp files that a killed vmdp process left (those of live processes stay)."""
+        for tmp in self.tmp.glob(".*.tmp"):
+            try:
+                pid = int(tmp.name.rsplit(".", 3)[1])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except (ValueError, IndexError, PermissionError):
+                pass  # not ours to judge
 
     def _open_catalog(self) -> Catalog:
         """Open the catalog, rebuilding it when it lacks a manifest's version or cannot be read."""
