@@ -29,18 +29,35 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def vms(workdir: Path) -> Iterator[Any]:
-    started: list[ThrowawayVM] = []
+class VmFactory:
+    """Starts throwaway VMs in the test's work dir and stops every one at the end."""
 
-    def make(name: str = "vm1", disks: dict[str, int] | None = None, **kw: Any) -> ThrowawayVM:
-        vm = ThrowawayVM(workdir, name, disks or {"vda": 16 << 20}, **kw).start()
-        started.append(vm)
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[ThrowawayVM] = []
+
+    def __call__(self, name: str = "vm1", disks: dict[str, int] | None = None, **kw: Any) -> ThrowawayVM:
+        vm = ThrowawayVM(self.workdir, name, disks or {"vda": 16 << 20}, **kw).start()
+        self.started.append(vm)
         return vm
 
-    yield make
-    for vm in started:
-        vm.stop(kill=True)
+    def restart(self, vm: ThrowawayVM, kill: bool = False, **changes: Any) -> ThrowawayVM:
+        """Stop `vm` (cleanly, or as a power loss) and start it again with its disks and UUID."""
+        vm.stop(kill=kill)
+        args: dict[str, Any] = {"uuid": vm.uuid, "images": vm.images, **changes}
+        disks = args.pop("disks", vm.disks)
+        return self(vm.name, disks, **args)
+
+    def stop_all(self) -> None:
+        for vm in self.started:
+            vm.stop(kill=True)
+
+
+@pytest.fixture
+def vms(workdir: Path) -> Iterator[VmFactory]:
+    factory = VmFactory(workdir)
+    yield factory
+    factory.stop_all()
 
 
 @dataclass

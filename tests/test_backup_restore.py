@@ -11,24 +11,13 @@ from hypothesis import strategies as st
 
 from conftest import assert_clean
 from disk_model import DiskModel
-from vmdp.engine.backup import BackupOptions, backup_vm
-from vmdp.engine.restore import restore_version, target_paths
-from vmdp.hypervisor.qemu import find_vm
-from vmdp.model import Mode, Version
+from engine_helpers import backup, restored
+from vmdp.model import Mode
 from vmdp.repository import Repository
 from vmdp.testing.vm import ThrowawayVM
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
-
-
-def backup(vm: ThrowawayVM, repo: Repository, scratch: Path, **kw: object) -> Version:
-    return backup_vm(find_vm([str(vm.qmp_path)], vm.name), repo, BackupOptions(scratch=scratch, **kw))  # type: ignore[arg-type]
-
-
-def restored(repo: Repository, version: Version, out: Path) -> dict[str, bytes]:
-    targets = restore_version(repo, version, target_paths(version, out, "raw", None, replace=True))
-    return {t.name: t.path.read_bytes() for t in targets}
 
 
 def touched_slots(writes: list[tuple[int, int, int]], chunk: int) -> set[int]:

@@ -41,7 +41,10 @@ def tracking_state(disk: Disk, prev: DiskVersion | None) -> tuple[str, str | Non
         return NONE, "the last version carries no tracking point: first backup with change tracking"
     bitmap = disk.bitmap(prev.tracking_point)
     if bitmap is None:
-        return MISSING, f"tracking point {prev.tracking_point} is missing from the disk"
+        return MISSING, (
+            f"tracking point {prev.tracking_point} is missing from the disk "
+            "(removed, image replaced, or QEMU stopped without saving it)"
+        )
     if bitmap.inconsistent:
         return INCONSISTENT, "change tracking inconsistent after unclean shutdown"
     if not bitmap.persistent:

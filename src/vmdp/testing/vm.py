@@ -22,6 +22,8 @@ def accel() -> list[str]:
 
 
 class ThrowawayVM:
+    """`images` puts a disk's image elsewhere; `socket_name` names its QMP sockets (as on another host)."""
+
     def __init__(
         self,
         workdir: Path,
@@ -30,6 +32,8 @@ class ThrowawayVM:
         uuid: str | None = None,
         fmt: str = "qcow2",
         compat: str = "1.1",
+        images: dict[str, Path] | None = None,
+        socket_name: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.name = name
@@ -37,13 +41,14 @@ class ThrowawayVM:
         self.disks = disks
         self.fmt = fmt
         self.compat = compat
-        self.qmp_path = workdir / f"{name}.qmp"
-        self.lab_path = workdir / f"{name}.lab.sock"
+        self.images = images or {}
+        self.qmp_path = workdir / f"{socket_name or name}.qmp"
+        self.lab_path = workdir / f"{socket_name or name}.lab.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self._lab: Qmp | None = None
 
     def image(self, disk: str) -> Path:
-        return self.workdir / f"{self.name}-{disk}.{self.fmt}"
+        return self.images.get(disk) or self.workdir / f"{self.name}-{disk}.{self.fmt}"
 
     def start(self) -> ThrowawayVM:
         args = [
@@ -111,6 +116,11 @@ class ThrowawayVM:
             f.write(data)
             f.flush()
             self.qemu_io(disk, f"write -s {f.name} {offset} {len(data)}")
+
+    def flush(self) -> None:
+        """Make every write so far reach the image files, as a guest's flush would."""
+        for disk in self.disks:
+            self.qemu_io(disk, "flush")
 
     def zero(self, disk: str, offset: int, length: int) -> None:
         self.qemu_io(disk, f"write -z {offset} {length}")
