@@ -38,10 +38,12 @@ def test_backup_query_restore_contract(vms, vmdp, workdir: Path) -> None:
     assert [v["backup_id"] for v in listing] == [made["backup_id"], second["backup_id"]]
     assert [v["active"] for v in listing] == [False, True]
     assert [v["incrementals_since_full"] for v in listing] == [0, 1]
+    assert [v["disks"][0]["tracking"] for v in listing] == ["none", "ok"]
     assert all(VERSION_KEYS <= v.keys() for v in listing)
 
     table = vmdp("query", "vm", "-detail", "-inactive")
     assert table.code == 0 and "IFINCR" in table.out and str(vm.image("vdb")) in table.out
+    assert "Tracking" in table.out and " ok " in table.out
 
     out = vmdp(
         "restore",

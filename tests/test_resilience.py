@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,16 +72,7 @@ def test_qemu_killed_before_it_ever_saved_the_point(vms, workdir: Path) -> None:
     assert restored(repo, after, workdir / "out") == model.snapshot()
 
 
-@pytest.mark.parametrize("delay", [0.45, 0.8, 1.3])
-def test_vmdp_killed_mid_backup_loses_nothing(vms, vmdp, workdir: Path, delay: float) -> None:
-    vm = vms(disks={"vda": 512 * MiB})
-    model = DiskModel(vm)
-    for i in range(6):
-        model.write_data("vda", i * 80 * MiB + 777, os.urandom(24 * MiB))
-    first = vmdp("backup", "vm", "vm1", "--json")
-    assert first.code == 0, first.err
-    model.write_data("vda", 100 * MiB, os.urandom(96 * MiB))  # a long IFINCR
-    expected = model.snapshot()
+def _backup_then_kill(vm: ThrowawayVM, workdir: Path, delay: float) -> None:
     env = {
         **os.environ,
         "VMDP_REPO": str(workdir / "repo"),
@@ -89,7 +81,7 @@ def test_vmdp_killed_mid_backup_loses_nothing(vms, vmdp, workdir: Path, delay: f
         "VMDP_CONFIG": "",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmdp", "backup", "vm", "vm1", "--workers", "1"],
+        [sys.executable, "-m", "vmdp", "backup", "vm", vm.name, "--workers", "1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -97,6 +89,19 @@ def test_vmdp_killed_mid_backup_loses_nothing(vms, vmdp, workdir: Path, delay: f
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.parametrize("delay", [0.45, 0.8, 1.3])
+def test_vmdp_killed_mid_ifincr_loses_nothing(vms, vmdp, workdir: Path, delay: float) -> None:
+    vm = vms(disks={"vda": 512 * MiB})
+    model = DiskModel(vm)
+    for i in range(6):
+        model.write_data("vda", i * 80 * MiB + 777, os.urandom(24 * MiB))
+    first = vmdp("backup", "vm", "vm1", "--json")
+    assert first.code == 0, first.err
+    model.write_data("vda", 100 * MiB, os.urandom(96 * MiB))  # a long IFINCR
+    expected = model.snapshot()
+    _backup_then_kill(vm, workdir, delay)
     model.write("vda", 300 * MiB, 5000, 0x99)  # written after the kill: must be in the next version
     listing = vmdp("query", "vm", "vm1", "--inactive", "--json").json()
     assert listing[0]["backup_id"] == first.json()[0]["backup_id"]
@@ -111,10 +116,24 @@ def test_vmdp_killed_mid_backup_loses_nothing(vms, vmdp, workdir: Path, delay: f
     assert restored(repo, versions[-1], workdir / "out") == model.snapshot()
     if len(versions) == 3:
         assert restored(repo, versions[1], workdir / "out") == expected
-    assert (
-        restored(repo, versions[0], workdir / "out")["vda"][100 * MiB : 101 * MiB]
-        != expected["vda"][100 * MiB : 101 * MiB]
-    )
+    first_disk = restored(repo, versions[0], workdir / "out")["vda"]
+    assert first_disk[100 * MiB : 101 * MiB] != expected["vda"][100 * MiB : 101 * MiB]
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.9])
+def test_vmdp_killed_mid_iffull_leaves_no_version(vms, vmdp, workdir: Path, delay: float) -> None:
+    vm = vms(disks={"vda": 512 * MiB})
+    model = DiskModel(vm)
+    model.write_data("vda", 0, os.urandom(160 * MiB))
+    _backup_then_kill(vm, workdir, delay)
+    listing = vmdp("query", "vm", "vm1", "--inactive", "--json")
+    assert listing.code == 2 or len(listing.json()) <= 1
+    nxt = vmdp("backup", "vm", "vm1", "--json")
+    assert nxt.code == 0, nxt.err
+    assert_clean(vm, workdir / "scratch", {"vda": nxt.json()[0]["disks"][0]["tracking_point"]})
+    repo = Repository.open(workdir / "repo", create=False)
+    for version in repo.versions("vm1"):
+        assert restored(repo, version, workdir / "out") == model.snapshot()
 
 
 class Injected(Exception):
@@ -252,7 +271,7 @@ def test_host_move_and_offline_changes(vms, workdir: Path) -> None:
     vm = vms.restart(vm, socket_name="vm1-on-host-b")
     model.vm = vm
     moved = backup(vm, repo, workdir / "scratch")
-    assert moved.mode is Mode.IFINCR and moved.host
+    assert moved.mode is Mode.IFINCR and moved.host == socket.gethostname()
     assert restored(repo, moved, workdir / "out") == model.snapshot()
     # written while the VM was off by a tool that keeps persistent bitmaps (qemu-io): tracked
     vm.stop()
