@@ -94,6 +94,10 @@ class ThrowawayVM:
         self._lab = Qmp(str(self.lab_path))
         return self
 
+    def extra_args(self) -> list[str]:
+        """More QEMU arguments: a subclass boots a guest here."""
+        return []
+
     @property
     def lab(self) -> Qmp:
         assert self._lab is not None, "VM not started"
