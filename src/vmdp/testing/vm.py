@@ -84,6 +84,7 @@ class ThrowawayVM:
                 "-device",
                 f"virtio-blk-pci,drive=d-{disk},id={disk}",
             ]
+        args += self.extra_args()
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.lab_path.exists()):
