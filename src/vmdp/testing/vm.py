@@ -44,6 +44,8 @@ class ThrowawayVM:
         self.images = images or {}
         self.qmp_path = workdir / f"{socket_name or name}.qmp"
         self.lab_path = workdir / f"{socket_name or name}.lab.sock"
+        self.memory = "64"  # MiB; a subclass that boots a guest raises it
+        self.serial = "none"  # or e.g. file:PATH for a guest's console
         self.proc: subprocess.Popen[bytes] | None = None
         self._lab: Qmp | None = None
 
@@ -57,13 +59,13 @@ class ThrowawayVM:
             self.name,
             *accel(),
             "-m",
-            "64",
+            self.memory,
             "-nodefaults",
             "-no-user-config",
             "-display",
             "none",
             "-serial",
-            "none",
+            self.serial,
             "-boot",
             "menu=off",
             "-qmp",
