@@ -161,7 +161,8 @@ def test_not_trackable_disk_is_refused(vms, vmdp) -> None:
     vms(disks={"vda": 8 * MiB}, fmt="raw")
     run = vmdp("backup", "vm", "vm1")
     assert run.code == 1
-    assert "cannot hold a persistent bitmap" in run.err and "vda" in run.err and "qemu-img convert" in run.err
+    assert "cannot hold a persistent bitmap" in run.err and "vda" in run.err and "raw)" in run.err
+    assert "vmdp upgrade disk" in run.err and "--allow-transient-tracking" in run.err
 
 
 def test_config_file_sets_repository_and_sockets(vms, vmdp, workdir: Path) -> None:

@@ -50,6 +50,7 @@ class Disk:
     capacity: int
     persistent_bitmaps: bool
     bitmaps: tuple[Bitmap, ...] = ()
+    allocated: int = 0  # bytes the image file takes on the host
 
     def bitmap(self, name: str) -> Bitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -86,6 +87,14 @@ class DiskVersion:
 
 
 @dataclass
+class ExcludedDisk:
+    """A disk of the VM that a version left out on purpose (include/exclude rules)."""
+
+    name: str
+    location: str
+
+
+@dataclass
 class Version:
     """One backup of one VM: the unit that `query vm` lists and `restore vm` restores."""
 
@@ -99,3 +108,7 @@ class Version:
     reason: str | None = None
     disks: list[DiskVersion] = field(default_factory=list)
     active: bool = False
+    excluded: list[ExcludedDisk] = field(default_factory=list)
+    consistency: str = "crash"  # or "application": the guest's filesystems were frozen
+    snapshot_time: str | None = None  # the instant of the point-in-time snapshot
+    group: str | None = None  # shared by the versions of VMs snapshotted together

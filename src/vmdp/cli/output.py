@@ -46,6 +46,10 @@ def version_doc(v: Version, detail: bool = False, history: list[Version] | None 
             {k: (val.value if isinstance(val, Mode) else val) for k, val in asdict(d).items() if k != "chunk_size"}
             for d in v.disks
         ],
+        "excluded_disks": [asdict(d) for d in v.excluded],
+        "consistency": v.consistency,
+        "snapshot_time": v.snapshot_time,
+        "group": v.group,
     }
     if detail and history is not None:
         doc["incrementals_since_full"] = incrementals_since_full(v, history)
@@ -88,7 +92,9 @@ def versions_table(versions: list[Version], detail: bool) -> None:
         return
     for v in versions:
         stdout.print(
-            f"\n[bold]{v.vm}[/bold] {v.backup_id} ({v.mode.value}, {v.uuid}, host {v.host}, "
+            f"\n[bold]{v.vm}[/bold] {v.backup_id} ({v.mode.value}, {v.consistency}-consistent, {v.uuid}, "
+            f"host {v.host}, "
+            f"{'group ' + v.group + ', ' if v.group else ''}"
             f"incrementals since last IFFULL: {incrementals_since_full(v, versions)})"
         )
         disks = Table(box=None, pad_edge=False)
@@ -106,6 +112,10 @@ def versions_table(versions: list[Version], detail: bool) -> None:
                 d.tracking_point or "-",
                 d.reason or "",
             )
+        for x in v.excluded:
+            disks.add_row(
+                x.name, x.location, "-", "excluded", "-", "-", "excluded", "-", "excluded by include/exclude rules"
+            )
         stdout.print(disks)
 
 
@@ -119,14 +129,10 @@ def summary_line(v: Version, seconds: float) -> str:
     )
 
 
-class BarProgress:
-    """A rich progress bar on stderr: bytes, rate and ETA."""
+class ProgressBoard:
+    """One set of rich progress bars on stderr (bytes, rate, ETA), shared by VMs backed up at once."""
 
     def __init__(self) -> None:
-        self._bar: Progress | None = None
-        self._task: Any = None
-
-    def start(self, label: str, total: int) -> None:
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -134,18 +140,103 @@ class BarProgress:
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=stderr,
-            transient=False,
         )
+
+    def __enter__(self) -> ProgressBoard:
         self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def task(self) -> BarProgress:
+        return BarProgress(self._bar)
+
+
+class BarProgress:
+    """One bar at a time on a board: the engine's Progress for one VM."""
+
+    def __init__(self, bar: Progress | None = None) -> None:
+        self._own = bar is None
+        self._bar = bar
+        self._task: Any = None
+
+    def start(self, label: str, total: int) -> None:
+        if self._own:
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+            )
+            self._bar.start()
+        assert self._bar is not None
         self._task = self._bar.add_task(label, total=total or 1)
         if not total:
             self._bar.update(self._task, completed=1)
 
     def advance(self, nbytes: int) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.advance(self._task, nbytes)
 
     def finish(self) -> None:
-        if self._bar is not None:
+        if self._own and self._bar is not None:
             self._bar.stop()
             self._bar = None
+        self._task = None
+
+
+def summary_table(outcomes: list[Any]) -> None:
+    """After a multi-VM run: one row per VM (mode, bytes read and stored, duration, result)."""
+    table = Table(box=None, pad_edge=False)
+    for col in ("VM", "Mode", "Read", "Stored", "Duration", "Result"):
+        table.add_column(col)
+    for o in outcomes:
+        v = o.version
+        table.add_row(
+            o.vm,
+            v.mode.value if v else "-",
+            size(sum(d.read_bytes for d in v.disks)) if v else "-",
+            size(sum(d.stored_bytes for d in v.disks)) if v else "-",
+            f"{o.seconds:.1f}s",
+            "ok" if v else f"failed: {o.error}",
+        )
+    stdout.print(table)
+
+
+def preview_report(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        stdout.print(
+            f"[bold]{doc['vm']}[/bold] ({doc['uuid']}): {doc['mode']}, {doc['consistency']}-consistent, "
+            f"{doc['snapshot']} snapshot"
+        )
+        table = Table(box=None, pad_edge=False)
+        for col in ("Disk", "Location", "Format", "Capacity", "Allocated", "Mode", "Tracking", "Why"):
+            table.add_column(col)
+        for d in doc["disks"]:
+            table.add_row(
+                d["name"],
+                d["location"],
+                d["format"],
+                size(d["capacity"]),
+                size(d["allocated"]),
+                d["mode"],
+                d["tracking"],
+                d["reason"],
+            )
+        for d in doc["excluded_disks"]:
+            table.add_row(
+                d["name"],
+                d["location"],
+                d["format"],
+                size(d["capacity"]),
+                size(d["allocated"]),
+                "excluded",
+                "-",
+                "excluded by include/exclude rules",
+            )
+        stdout.print(table)
+        for problem in doc["problems"]:
+            stdout.print(f"  [red]would stop the backup:[/red] {problem}")

@@ -1,21 +1,43 @@
 """Settings read at the edge: command-line options, then the environment, then a TOML config file.
 
 Nothing below the CLI reads the environment or a config file; what is resolved here is
-passed down.
+passed down. The config file is validated whole: an unknown key or a bad value is an error
+that names the file, the key and what is allowed.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmdp.errors import UsageError
 
 CONFIG_PATHS = (Path("/etc/vmdp/vmdp.toml"), Path("~/.config/vmdp/vmdp.toml"))
-_KEYS = {"repository": str, "qmp": list, "scratch": str}
+FALLBACKS = ("fail", "crash")
+
+# key: (type, description of what is allowed)
+TOP_KEYS: dict[str, tuple[type, str]] = {
+    "repository": (str, "a directory path"),
+    "qmp": (list, "a list of QMP socket globs"),
+    "scratch": (str, "a directory path"),
+    "domain": (list, "a list of VM name patterns that 'backup vm' with no names selects"),
+    "exclude": (list, "a list of VM name patterns never selected"),
+    "max_parallel": (int, "a number of VMs backed up at once, 1 or more"),
+    "workers": (int, "a number of parallel readers per disk, 1 to 64"),
+    "allow_transient_tracking": (bool, "true or false"),
+    "vm": (dict, "tables [vm.NAME] of per-VM options"),
+}
+VM_KEYS: dict[str, tuple[type, str]] = {
+    "include_disks": (list, "a list of disk ids or image paths (patterns allowed)"),
+    "exclude_disks": (list, "a list of disk ids or image paths (patterns allowed)"),
+    "app_consistent": (bool, "true or false"),
+    "app_consistent_fallback": (str, "'fail' or 'crash'"),
+    "agent_socket": (str, "the path of the guest agent's unix socket"),
+    "allow_transient_tracking": (bool, "true or false"),
+}
 
 
 @dataclass
@@ -23,6 +45,11 @@ class Settings:
     repository: Path
     qmp: list[str]
     scratch: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def vm(self, name: str) -> dict[str, Any]:
+        """The [vm.NAME] table for a VM, empty when there is none."""
+        return dict(self.config.get("vm", {}).get(name, {}))
 
 
 def _default_repository() -> Path:
@@ -33,6 +60,25 @@ def _default_repository() -> Path:
 
 def _default_scratch() -> Path:
     return Path("/var/tmp/vmdp" if os.geteuid() == 0 else f"/var/tmp/vmdp-{os.geteuid()}")
+
+
+def _check(path: Path, table: dict[str, Any], keys: dict[str, tuple[type, str]], prefix: str) -> None:
+    for key, value in table.items():
+        where = f"{prefix}{key}"
+        if key not in keys:
+            raise UsageError(f"{path}: unknown key '{where}'", f"allowed keys: {', '.join(sorted(keys))}")
+        kind, allowed = keys[key]
+        if key == "qmp" and isinstance(value, str):
+            table[key] = value = [value]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is list and ok:
+            ok = all(isinstance(v, str) for v in value)
+        if kind is int and ok:
+            ok = value >= 1 and (key != "workers" or value <= 64)
+        if key == "app_consistent_fallback" and ok:
+            ok = value in FALLBACKS
+        if not ok:
+            raise UsageError(f"{path}: bad value for '{where}': {value!r}", f"it must be {allowed}")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -51,13 +97,11 @@ def load_config(path: str | None) -> dict[str, Any]:
         doc = tomllib.loads(cfg_path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"cannot read config file {cfg_path}: {exc}", "fix the TOML syntax") from exc
-    for key, value in doc.items():
-        if key not in _KEYS:
-            raise UsageError(f"{cfg_path}: unknown key '{key}'", f"allowed keys: {', '.join(sorted(_KEYS))}")
-        if key == "qmp" and isinstance(value, str):
-            doc[key] = value = [value]
-        if not isinstance(value, _KEYS[key]):
-            raise UsageError(f"{cfg_path}: '{key}' must be a {_KEYS[key].__name__}")
+    _check(cfg_path, doc, TOP_KEYS, "")
+    for name, table in doc.get("vm", {}).items():
+        if not isinstance(table, dict):
+            raise UsageError(f"{cfg_path}: 'vm.{name}' must be a table", "write it as [vm.NAME] with per-VM keys")
+        _check(cfg_path, table, VM_KEYS, f"vm.{name}.")
     return doc
 
 
@@ -71,4 +115,5 @@ def resolve(
         repository=Path(repository).expanduser() if repository else _default_repository(),
         qmp=list(qmp) or env_qmp or cfg.get("qmp", []),
         scratch=Path(scratch or os.environ.get("VMDP_SCRATCH") or cfg.get("scratch") or _default_scratch()),
+        config=cfg,
     )

@@ -1,16 +1,23 @@
-"""Backing up one VM: plan IFFULL/IFINCR per disk, snapshot, read, commit or abort.
+"""Backing up VMs: plan IFFULL/IFINCR per disk, snapshot, read, commit or abort.
 
 Order of durability (DESIGN.md): chunks → index → manifest → catalog row → tracking point
 commit in QEMU. A failure before the catalog row drops the new tracking point; the previous
 one kept recording, so the next backup still sees every change.
+
+A VM is snapshotted on its own (`backup_vm`, with guest-agent quiescing when its policy asks
+for application consistency) or with others at one instant (`backup_group`: pause, snapshot
+all, resume what was paused).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import logging
-import os
 import secrets
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +25,27 @@ from pathlib import Path
 from vmdp.engine.pipeline import backup_disk, planned_bytes
 from vmdp.engine.planning import DiskDecision, decide, version_reason
 from vmdp.engine.progress import NoProgress, Progress
-from vmdp.errors import HypervisorError
+from vmdp.errors import HypervisorError, UsageError
+from vmdp.hypervisor.agent import AgentError, GuestAgent
 from vmdp.hypervisor.qemu import DiskPlan, DiskSnapshot, QemuSession, Snapshot
-from vmdp.model import VM, DiskVersion, Mode, Version
+from vmdp.model import VM, Disk, DiskVersion, ExcludedDisk, Mode, Version
 from vmdp.repository import Repository
 
 log = logging.getLogger(__name__)
+
+APPLICATION, CRASH = "application", "crash"
+
+
+@dataclass
+class VmPolicy:
+    """Per-VM choices, from the config file's [vm.NAME] table and the command line."""
+
+    include_disks: list[str] = field(default_factory=list)  # device ids or image paths; patterns allowed
+    exclude_disks: list[str] = field(default_factory=list)
+    app_consistent: bool = False
+    fallback: str = "fail"  # when quiescing fails: "fail" the backup, or take it "crash"-consistent
+    agent_socket: str | None = None  # default: found from the VM's org.qemu.guest_agent.0 channel
+    allow_transient: bool = False  # back up disks that cannot hold a persistent bitmap
 
 
 @dataclass
@@ -32,6 +54,29 @@ class BackupOptions:
     scratch: Path = Path("/var/tmp/vmdp")
     workers: int = 4
     progress: Progress = field(default_factory=NoProgress)
+    budget: threading.Semaphore | None = None  # chunks in flight, shared by VMs backed up at once
+
+
+@dataclass
+class Plan:
+    """What one VM's backup will do, decided before any snapshot."""
+
+    vm: VM
+    decisions: list[DiskDecision]
+    excluded: list[Disk]
+    last: Version | None
+    policy: VmPolicy
+
+    def problems(self) -> list[str]:
+        """What would stop the backup."""
+        out = []
+        untrackable = [d.disk for d in self.decisions if not d.disk.persistent_bitmaps]
+        if untrackable and not self.policy.allow_transient:
+            listing = ", ".join(f"{d.name} ({d.location}, {d.format})" for d in untrackable)
+            out.append(f"disks that cannot hold a persistent bitmap: {listing}")
+        if not self.decisions:
+            out.append("no disk to back up")
+        return out
 
 
 def now() -> str:
@@ -47,39 +92,218 @@ def namespace(repo: Repository) -> str:
     return f"vmdp-{repo.id[:8]}"
 
 
-def last_version(repo: Repository, vm: VM) -> Version | None:
-    versions = repo.versions(vm.uuid)
+def last_version(repo: Repository | None, vm: VM) -> Version | None:
+    versions = repo.versions(vm.uuid) if repo else []
     return versions[-1] if versions else None
 
 
-def check_trackable(vm: VM) -> None:
-    untrackable = [d for d in vm.disks if not d.persistent_bitmaps]
-    if untrackable:
-        listing = ", ".join(f"{d.name} ({d.location}, {d.format})" for d in untrackable)
+def _matches(disk: Disk, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(disk.name, p) or fnmatch.fnmatchcase(disk.location, p) for p in patterns)
+
+
+def plan(vm: VM, repo: Repository | None, mode: Mode, policy: VmPolicy) -> Plan:
+    """Decide per disk: excluded, IFINCR from its tracking point, or IFFULL and why."""
+    included = [d for d in vm.disks if not policy.include_disks or _matches(d, policy.include_disks)]
+    chosen = [d for d in included if not _matches(d, policy.exclude_disks)]
+    excluded = [d for d in vm.disks if d not in chosen]
+    last = last_version(repo, vm)
+    transient = policy.allow_transient
+    decisions = [decide(d, last, mode, transient and not d.persistent_bitmaps) for d in chosen]
+    return Plan(vm, decisions, excluded, last, policy)
+
+
+def _checked_plan(session: QemuSession, repo: Repository, opts: BackupOptions, policy: VmPolicy) -> Plan:
+    """Sweep what a crashed run left, then plan; raise what would stop the backup."""
+    last = last_version(repo, session.vm)
+    keep = {d.name: d.tracking_point for d in last.disks} if last else {}
+    for line in session.sweep(keep):
+        log.warning("%s: removed leftover of an earlier run: %s", session.vm.name, line)
+    result = plan(session.vm, repo, opts.mode, policy)
+    problems = result.problems()
+    if problems:
         raise HypervisorError(
-            f"VM {vm.name} has disks that cannot hold a persistent bitmap: {listing}",
-            "convert them to qcow2 v3 with the VM stopped: qemu-img amend -o compat=1.1 IMAGE "
-            "(qcow2 0.10) or qemu-img convert -O qcow2 IMAGE NEW (raw)",
+            f"VM {session.vm.name} cannot be backed up: {'; '.join(problems)}",
+            "upgrade the disks with 'vmdp upgrade disk PATH' (VM stopped), convert raw images to qcow2, "
+            "or pass --allow-transient-tracking",
         )
-    if not vm.disks:
-        raise HypervisorError(f"VM {vm.name} has no writable disk to back up")
+    return result
 
 
-def preview(vm: VM, repo: Repository | None, mode: Mode) -> list[DiskDecision]:
-    """What a backup would do, without touching QEMU beyond the queries discovery made."""
-    last = last_version(repo, vm) if repo else None
-    return [decide(disk, last, mode) for disk in vm.disks]
-
-
-def backup_vm(vm: VM, repo: Repository, opts: BackupOptions) -> Version:
-    """Make one new version of `vm`; raise without leaving anything of vmdp's behind on failure."""
+@contextlib.contextmanager
+def _session(vm: VM, repo: Repository, opts: BackupOptions) -> Iterator[QemuSession]:
     opts.scratch.mkdir(parents=True, exist_ok=True)
     with repo.lock_vm(vm.uuid, vm.name):
         session = QemuSession(vm, opts.scratch, namespace(repo))
         try:
-            return _backup(session, repo, opts)
+            yield session
         finally:
             session.close()
+
+
+def _prepare(session: QemuSession, p: Plan, repo: Repository) -> Snapshot:
+    plans = [
+        DiskPlan(d.disk, d.base.tracking_point if d.base else None, persistent=d.disk.persistent_bitmaps)
+        for d in p.decisions
+    ]
+    return session.prepare(plans, f"{namespace(repo)}-{new_backup_id()}")
+
+
+def backup_vm(vm: VM, repo: Repository, opts: BackupOptions, policy: VmPolicy | None = None) -> Version:
+    """Make one new version of `vm` from its own snapshot; quiesce the guest if the policy asks."""
+    policy = policy or VmPolicy()
+    with _session(vm, repo, opts) as session:
+        p = _checked_plan(session, repo, opts, policy)
+        started = now()
+        snap = _prepare(session, p, repo)
+        try:
+            if policy.app_consistent:
+                consistency = _quiesced_trigger(session, snap, policy)
+            else:
+                session.trigger(snap)
+                consistency = CRASH
+        except BaseException:
+            session.release(snap)
+            raise
+        return _read_and_commit(session, snap, p, repo, opts, started, consistency, None)
+
+
+def _quiesced_trigger(session: QemuSession, snap: Snapshot, policy: VmPolicy) -> str:
+    """Freeze the guest's filesystems for just the snapshot instant; thaw on every path."""
+    name = session.vm.name
+    agent = None
+    try:
+        path = policy.agent_socket or session.agent_socket()
+        if not path:
+            raise AgentError(f"VM {name} has no guest agent channel (org.qemu.guest_agent.0)")
+        agent = GuestAgent(path)
+        agent.freeze()
+    except AgentError as exc:
+        if agent:
+            with contextlib.suppress(AgentError):
+                agent.thaw()  # a freeze that failed half-way may have frozen some filesystems
+            agent.close()
+        if policy.fallback != CRASH:
+            raise AgentError(
+                f"cannot quiesce VM {name}: {exc.message}",
+                'install and start qemu-guest-agent in the guest, or set app_consistent_fallback = "crash"',
+            ) from None
+        log.warning("VM %s: %s; taking a crash-consistent snapshot instead", name, exc.message)
+        session.trigger(snap)
+        return CRASH
+    try:
+        session.trigger(snap)
+    finally:
+        try:
+            agent.thaw()
+        finally:
+            agent.close()
+    return APPLICATION
+
+
+def backup_group(
+    vms: list[VM],
+    repo: Repository,
+    opts: BackupOptions,
+    policies: dict[str, VmPolicy],
+) -> list[Version | BaseException]:
+    """Back up several VMs from one instant: pause the running ones, snapshot all, resume those paused.
+
+    Returns, per VM in order, its version or the error that stopped it after the instant.
+    """
+    if any(policies.get(vm.name, VmPolicy()).app_consistent for vm in vms):
+        raise UsageError(
+            "an application-consistent VM is snapshotted on its own, never in a group", "back it up without --group"
+        )
+    group = secrets.token_hex(4)
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(_session(vm, repo, opts)) for vm in vms]
+        plans = [_checked_plan(s, repo, opts, policies.get(s.vm.name, VmPolicy())) for s in sessions]
+        started = now()
+        snaps: list[Snapshot] = []
+        triggered: list[Snapshot] = []
+        paused: list[QemuSession] = []
+        try:
+            for s, p in zip(sessions, plans, strict=True):
+                snaps.append(_prepare(s, p, repo))
+            try:
+                for s in sessions:
+                    if s.pause():
+                        paused.append(s)
+                for s, snap in zip(sessions, snaps, strict=True):
+                    s.trigger(snap)
+                    triggered.append(snap)
+            finally:
+                _resume_all(paused)
+        except BaseException:
+            for s, snap in zip(sessions, snaps, strict=False):
+                s.release(snap)
+                if snap in triggered:
+                    s.abort(snap)
+            raise
+        results: list[Version | BaseException] = []
+        for s, snap, p in zip(sessions, snaps, plans, strict=True):
+            try:
+                results.append(_read_and_commit(s, snap, p, repo, opts, started, CRASH, group))
+            except Exception as exc:  # noqa: BLE001 - one VM's failure after the instant does not stop the others
+                results.append(exc)
+        return results
+
+
+def _resume_all(paused: list[QemuSession]) -> None:
+    errors = []
+    for s in paused:
+        try:
+            s.resume()
+        except HypervisorError as exc:
+            errors.append(f"{s.vm.name}: {exc}")
+    if errors:
+        raise HypervisorError(f"could not resume {', '.join(errors)}", "resume the VMs with QMP 'cont'")
+
+
+def _read_and_commit(
+    session: QemuSession,
+    snap: Snapshot,
+    p: Plan,
+    repo: Repository,
+    opts: BackupOptions,
+    started: str,
+    consistency: str,
+    group: str | None,
+) -> Version:
+    """Export and read the snapshot, then make the version durable and commit the tracking points."""
+    ok = False
+    try:
+        session.export(snap)
+        disks = [_backup_disk(snap, ds, d, repo, opts) for ds, d in zip(snap.disks, p.decisions, strict=True)]
+        ok = True
+    finally:
+        session.release(snap)
+        if not ok:
+            session.abort(snap)
+    reasons = {d.disk.name: d.reason or "IFFULL" for d in p.decisions if d.base is None}
+    version = Version(
+        backup_id=snap.new_point.removeprefix(f"{namespace(repo)}-"),
+        vm=p.vm.name,
+        uuid=p.vm.uuid,
+        mode=Mode.IFFULL if reasons else Mode.IFINCR,
+        started=started,
+        finished=now(),
+        host=socket.gethostname(),
+        reason=version_reason(reasons),
+        disks=disks,
+        active=True,
+        excluded=[ExcludedDisk(d.name, d.location) for d in p.excluded],
+        consistency=consistency,
+        snapshot_time=datetime.fromtimestamp(snap.taken or 0, UTC).isoformat(timespec="microseconds"),
+        group=group,
+    )
+    try:
+        repo.commit(version)
+    except BaseException:
+        session.abort(snap)
+        raise
+    session.commit(snap)
+    return version
 
 
 def _backup_disk(
@@ -92,7 +316,14 @@ def _backup_disk(
         total = planned_bytes(control, disk.capacity, repo.chunk_size, prev is not None)
         opts.progress.start(f"{snap.vm_name} {disk.name}", total)
         res = backup_disk(
-            lambda: snap.reader(ds), repo, disk.capacity, base_index, opts.workers, opts.progress.advance, control
+            lambda: snap.reader(ds),
+            repo,
+            disk.capacity,
+            base_index,
+            opts.workers,
+            opts.progress.advance,
+            control,
+            opts.budget,
         )
     finally:
         control.close()
@@ -112,48 +343,3 @@ def _backup_disk(
         granularity=ds.granularity,
         tracking=decision.tracking,
     )
-
-
-def _backup(session: QemuSession, repo: Repository, opts: BackupOptions) -> Version:
-    last = last_version(repo, session.vm)
-    keep = {d.name: d.tracking_point for d in last.disks} if last else {}
-    for line in session.sweep(keep):
-        log.warning("removed leftover of an earlier run: %s", line)
-    vm = session.vm
-    check_trackable(vm)
-    decisions = [decide(disk, last, opts.mode) for disk in vm.disks]
-    reasons = {d.disk.name: d.reason or "IFFULL" for d in decisions if d.base is None}
-    backup_id = new_backup_id()
-    started = now()
-    plans = [DiskPlan(d.disk, d.base.tracking_point if d.base else None) for d in decisions]
-    snap = session.snapshot(plans, f"{namespace(repo)}-{backup_id}")
-    ok = False
-    try:
-        disks = [
-            _backup_disk(snap, ds, decision, repo, opts) for ds, decision in zip(snap.disks, decisions, strict=True)
-        ]
-        ok = True
-    finally:
-        session.release(snap)
-        if not ok:
-            session.abort(snap)
-    version = Version(
-        backup_id=backup_id,
-        vm=vm.name,
-        uuid=vm.uuid,
-        mode=Mode.IFFULL if reasons else Mode.IFINCR,
-        started=started,
-        finished=now(),
-        host=socket.gethostname(),
-        reason=version_reason(reasons),
-        disks=disks,
-        active=True,
-    )
-    try:
-        repo.commit(version)
-    except BaseException:
-        session.abort(snap)
-        raise
-    session.commit(snap)
-    log.debug("backup %s of %s committed by pid %d", backup_id, vm.name, os.getpid())
-    return version

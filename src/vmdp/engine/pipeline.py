@@ -78,19 +78,43 @@ def bounded_map(
     items: Iterator[tuple[int, list[tuple[int, int]]]] | Iterator[tuple[int, bytes]],
     work: Callable[..., object],
     on_result: Callable[[object], None],
+    budget: threading.Semaphore | None = None,
 ) -> None:
-    """Run `work(*item)` in a pool with at most 2 × workers items in flight, results in order."""
+    """Run `work(*item)` in a pool with at most 2 × workers items in flight, results in order.
+
+    `budget`, shared by several disks or VMs running at once, bounds their items in flight
+    together: before waiting for a permit, a caller consumes its own oldest result, so every
+    caller that holds permits can always give them back.
+    """
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmdp")
     pending: deque[Future[object]] = deque()
+
+    def consume() -> None:
+        try:
+            on_result(pending.popleft().result())
+        finally:
+            if budget:
+                budget.release()
+
     try:
         for item in items:
+            if budget:
+                while not budget.acquire(blocking=False):
+                    if pending:
+                        consume()
+                    else:
+                        budget.acquire()
+                        break
             pending.append(pool.submit(work, *item))
             if len(pending) >= 2 * workers:
-                on_result(pending.popleft().result())
+                consume()
         while pending:
-            on_result(pending.popleft().result())
+            consume()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if budget:
+            for _ in pending:
+                budget.release()
 
 
 def backup_disk(
@@ -101,6 +125,7 @@ def backup_disk(
     workers: int,
     advance: Callable[[int], None],
     control: DiskReader,
+    budget: threading.Semaphore | None = None,
 ) -> DiskResult:
     """Read the changed (or all allocated) slots of one disk and return its complete new index."""
     chunk_size = repo.chunk_size
@@ -140,7 +165,7 @@ def backup_disk(
         result.read_bytes += nread
 
     try:
-        bounded_map(workers, slot_work(control, capacity, chunk_size, base is not None), work, on_result)
+        bounded_map(workers, slot_work(control, capacity, chunk_size, base is not None), work, on_result, budget)
     finally:
         for r in readers:
             r.close()

@@ -35,11 +35,17 @@ class DiskDecision:
         return Mode.IFINCR if self.base else Mode.IFFULL
 
 
-def tracking_state(disk: Disk, prev: DiskVersion | None) -> tuple[str, str | None]:
-    """The state of the tracking point `prev` recorded, and what is wrong with it (None: nothing)."""
+def tracking_state(disk: Disk, prev: DiskVersion | None, transient_ok: bool = False) -> tuple[str, str | None]:
+    """The state of the tracking point `prev` recorded, and what is wrong with it (None: nothing).
+
+    `transient_ok`: the disk cannot hold a persistent bitmap and the user allowed a
+    non-persistent one, which is trusted while the QEMU process that holds it lives.
+    """
     if prev is None or not prev.tracking_point:
         return NONE, "the last version carries no tracking point: first backup with change tracking"
     bitmap = disk.bitmap(prev.tracking_point)
+    if bitmap is None and transient_ok:
+        return MISSING, "transient tracking point lost: QEMU restarted since the last version"
     if bitmap is None:
         return MISSING, (
             f"tracking point {prev.tracking_point} is missing from the disk "
@@ -47,7 +53,7 @@ def tracking_state(disk: Disk, prev: DiskVersion | None) -> tuple[str, str | Non
         )
     if bitmap.inconsistent:
         return INCONSISTENT, "change tracking inconsistent after unclean shutdown"
-    if not bitmap.persistent:
+    if not bitmap.persistent and not transient_ok:
         return TRANSIENT, "tracking point is not persistent"
     if not bitmap.recording:
         return DISABLED, "tracking point is not recording"
@@ -55,13 +61,13 @@ def tracking_state(disk: Disk, prev: DiskVersion | None) -> tuple[str, str | Non
         return BUSY, "tracking point is in use by another operation"
     if prev.granularity and bitmap.granularity != prev.granularity:
         return INCONSISTENT, f"tracking granularity changed from {prev.granularity} to {bitmap.granularity}"
-    return OK, None
+    return (TRANSIENT if not bitmap.persistent else OK), None
 
 
-def decide(disk: Disk, last: Version | None, requested: Mode) -> DiskDecision:
+def decide(disk: Disk, last: Version | None, requested: Mode, transient_ok: bool = False) -> DiskDecision:
     """IFINCR from the last version's tracking point, or IFFULL and why."""
     prev = next((d for d in last.disks if d.name == disk.name), None) if last else None
-    state, problem = tracking_state(disk, prev)
+    state, problem = tracking_state(disk, prev, transient_ok)
     if requested is Mode.IFFULL:
         return DiskDecision(disk, None, "IFFULL requested", state)
     if last is None:

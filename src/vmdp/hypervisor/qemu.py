@@ -34,6 +34,7 @@ from vmdp.model import VM, Bitmap, Disk
 log = logging.getLogger(__name__)
 
 PREFIX = "vmdp-"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 NO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
@@ -107,9 +108,27 @@ def _disks(qmp: Qmp) -> tuple[Disk, ...]:
                 capacity=image["virtual-size"],
                 persistent_bitmaps=image["format"] == "qcow2" and compat == "1.1",
                 bitmaps=bitmaps,
+                allocated=image.get("actual-size", 0),
             )
         )
     return tuple(disks)
+
+
+def agent_socket(qmp: Qmp) -> str | None:
+    """The host end of the VM's guest agent channel (org.qemu.guest_agent.0), if it has one."""
+    ports = [p for p in qmp.cmd("qom-list", path="/machine/peripheral") if p["type"].startswith("child<")]
+    for port in ports:
+        path = f"/machine/peripheral/{port['name']}"
+        try:
+            if qmp.cmd("qom-get", path=path, property="name") != AGENT_CHANNEL:
+                continue
+            chardev = qmp.cmd("qom-get", path=path, property="chardev")
+        except QmpCommandError:
+            continue  # not a virtio serial port
+        for dev in qmp.cmd("query-chardev"):
+            if dev["label"] == chardev and dev["filename"].startswith("unix:"):
+                return str(dev["filename"][5:].split(",")[0])
+    return None
 
 
 def describe(qmp: Qmp) -> VM:
@@ -141,6 +160,7 @@ class DiskPlan:
 
     disk: Disk
     base: str | None
+    persistent: bool = True  # False: transient tracking for a disk that cannot hold a persistent bitmap
 
 
 @dataclass
@@ -168,6 +188,7 @@ class Snapshot:
     vm_name: str
     disks: list[DiskSnapshot] = field(default_factory=list)
     server: bool = False
+    taken: float | None = None  # when the snapshot instant happened (epoch seconds)
 
     def reader(self, disk: DiskSnapshot) -> NbdReader:
         return NbdReader(str(self.socket), disk.export, disk.frozen)
@@ -263,6 +284,18 @@ class QemuSession:
 
     def snapshot(self, plans: list[DiskPlan], new_point: str) -> Snapshot:
         """Take the point-in-time snapshot and the new tracking point of every planned disk at once."""
+        snap = self.prepare(plans, new_point)
+        try:
+            self.trigger(snap)
+            self.export(snap)
+        except BaseException:
+            self.release(snap)
+            self.abort(snap)
+            raise
+        return snap
+
+    def prepare(self, plans: list[DiskPlan], new_point: str) -> Snapshot:
+        """Create the overlays: everything that may take time, before the snapshot instant."""
         token = secrets.token_hex(3)
         snap = Snapshot(
             token=token,
@@ -271,69 +304,88 @@ class QemuSession:
             vm_name=self.vm.name,
         )
         try:
-            actions: list[dict[str, Any]] = []
             for i, plan in enumerate(plans):
-                disk = plan.disk
                 ds = DiskSnapshot(
                     plan=plan,
                     node=f"vmdp-ov-{token}-{i}",
                     job=f"vmdp-job-{token}-{i}",
                     overlay=self.scratch / f"{self.file_prefix}-{token}-{i}.qcow2",
-                    export=disk.name,
+                    export=plan.disk.name,
                     frozen=f"{self.namespace}-tmp-{token}" if plan.base else None,
                 )
-                self._create_overlay(ds)
                 snap.disks.append(ds)
-                if plan.base:
-                    base = disk.bitmap(plan.base)
-                    assert base is not None
-                    actions += [
-                        _action(
-                            "block-dirty-bitmap-add",
-                            node=disk.node,
-                            name=ds.frozen,
-                            persistent=False,
-                            disabled=True,
-                            granularity=base.granularity,
-                        ),
-                        _action("block-dirty-bitmap-merge", node=disk.node, target=ds.frozen, bitmaps=[plan.base]),
-                    ]
-                actions += [
-                    _action("block-dirty-bitmap-add", node=disk.node, name=new_point, persistent=True),
-                    _action("blockdev-backup", device=disk.node, target=ds.node, sync="none", **{"job-id": ds.job}),
-                ]
-            self.qmp.cmd("transaction", actions=actions)
-            disks = {d.name: d for d in self.refresh().disks}
-            for ds in snap.disks:
-                point = disks[ds.name].bitmap(new_point)
-                ds.granularity = point.granularity if point else None
-            self.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(snap.socket)}})
-            snap.server = True
-            for i, ds in enumerate(snap.disks):
-                export: dict[str, Any] = {
-                    "type": "nbd",
-                    "id": f"vmdp-exp-{token}-{i}",
-                    "node-name": ds.node,
-                    "name": ds.export,
-                    "writable": False,
-                }
-                if ds.frozen:
-                    export["bitmaps"] = [ds.frozen]
-                self.qmp.cmd("block-export-add", **export)
-        except QmpCommandError as exc:
+                self._create_overlay(ds)
+        except BaseException:
             self.release(snap)
-            self.abort(snap)
-            if exc.command == "nbd-server-start" and "already running" in exc.desc:
+            raise
+        return snap
+
+    def trigger(self, snap: Snapshot) -> None:
+        """The snapshot instant: one transaction for every disk; on failure QEMU creates nothing."""
+        actions: list[dict[str, Any]] = []
+        for ds in snap.disks:
+            disk, plan = ds.plan.disk, ds.plan
+            if plan.base:
+                base = disk.bitmap(plan.base)
+                assert base is not None
+                actions += [
+                    _action(
+                        "block-dirty-bitmap-add",
+                        node=disk.node,
+                        name=ds.frozen,
+                        persistent=False,
+                        disabled=True,
+                        granularity=base.granularity,
+                    ),
+                    _action("block-dirty-bitmap-merge", node=disk.node, target=ds.frozen, bitmaps=[plan.base]),
+                ]
+            actions += [
+                _action("block-dirty-bitmap-add", node=disk.node, name=snap.new_point, persistent=plan.persistent),
+                _action("blockdev-backup", device=disk.node, target=ds.node, sync="none", **{"job-id": ds.job}),
+            ]
+        self.qmp.cmd("transaction", actions=actions)
+        snap.taken = time.time()
+        disks = {d.name: d for d in self.refresh().disks}
+        for ds in snap.disks:
+            point = disks[ds.name].bitmap(snap.new_point)
+            ds.granularity = point.granularity if point else None
+
+    def export(self, snap: Snapshot) -> None:
+        """Serve the snapshot over NBD on a unix socket in the scratch directory."""
+        try:
+            self.qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(snap.socket)}})
+        except QmpCommandError as exc:
+            if "already running" in exc.desc:
                 raise HypervisorError(
                     f"VM {self.vm.name} already runs an NBD server that vmdp did not start",
                     "stop it (QMP nbd-server-stop) or let vmdp back up while it is not in use",
                 ) from None
             raise
-        except BaseException:
-            self.release(snap)
-            self.abort(snap)
-            raise
-        return snap
+        snap.server = True
+        for i, ds in enumerate(snap.disks):
+            export: dict[str, Any] = {
+                "type": "nbd",
+                "id": f"vmdp-exp-{snap.token}-{i}",
+                "node-name": ds.node,
+                "name": ds.export,
+                "writable": False,
+            }
+            if ds.frozen:
+                export["bitmaps"] = [ds.frozen]
+            self.qmp.cmd("block-export-add", **export)
+
+    def agent_socket(self) -> str | None:
+        return agent_socket(self.qmp)
+
+    def pause(self) -> bool:
+        """Pause the VM if it runs; True when this call paused it (so only then resume it)."""
+        if not self.qmp.cmd("query-status")["running"]:
+            return False
+        self.qmp.cmd("stop")
+        return True
+
+    def resume(self) -> None:
+        self.qmp.cmd("cont")
 
     def _create_overlay(self, ds: DiskSnapshot) -> None:
         disk = ds.plan.disk

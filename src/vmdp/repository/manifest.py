@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from vmdp.errors import CorruptData
-from vmdp.model import DiskVersion, Mode, Version
+from vmdp.model import DiskVersion, ExcludedDisk, Mode, Version
 
 FORMAT = "vmdp-manifest"
 FORMAT_VERSION = 1
@@ -27,6 +27,7 @@ def from_bytes(data: bytes, what: str) -> Version:
         if doc.pop("format") != FORMAT or doc.pop("format_version") != FORMAT_VERSION:
             raise ValueError("unknown format")
         disks = [DiskVersion(**{**d, "mode": Mode(d["mode"])}) for d in doc.pop("disks")]
-        return Version(**{**doc, "mode": Mode(doc["mode"]), "disks": disks})
+        excluded = [ExcludedDisk(**d) for d in doc.pop("excluded", [])]
+        return Version(**{**doc, "mode": Mode(doc["mode"]), "disks": disks, "excluded": excluded})
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptData(f"{what} is not a valid manifest: {exc}") from exc

@@ -14,6 +14,7 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
+from vmdp.errors import NotFound
 from vmdp.hypervisor.qmp import Qmp
 
 
@@ -94,7 +95,14 @@ class ThrowawayVM:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"QEMU did not start: {err}")
             time.sleep(0.02)
-        self._lab = Qmp(str(self.lab_path))
+        while True:
+            try:
+                self._lab = Qmp(str(self.lab_path))
+                break
+            except NotFound:  # QEMU creates the socket file just before it listens on it
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         return self
 
     def extra_args(self) -> list[str]:
