@@ -44,7 +44,7 @@ class VmFactory:
     def restart(self, vm: ThrowawayVM, kill: bool = False, **changes: Any) -> ThrowawayVM:
         """Stop `vm` (cleanly, or as a power loss) and start it again with its disks and UUID."""
         vm.stop(kill=kill)
-        args: dict[str, Any] = {"uuid": vm.uuid, "images": vm.images, **changes}
+        args: dict[str, Any] = {"uuid": vm.uuid, "images": vm.images, "fmt": vm.fmt, "compat": vm.compat, **changes}
         disks = args.pop("disks", vm.disks)
         return self(vm.name, disks, **args)
 

@@ -15,6 +15,7 @@ from vmdp import __version__
 from vmdp.cli.backup_cmd import backup
 from vmdp.cli.query_cmd import query
 from vmdp.cli.restore_cmd import restore
+from vmdp.cli.upgrade_cmd import upgrade
 from vmdp.errors import VmdpError
 
 
@@ -31,6 +32,7 @@ def cli() -> None:
 cli.add_command(backup)
 cli.add_command(query)
 cli.add_command(restore)
+cli.add_command(upgrade)
 
 
 def _long_options(group: click.Group) -> set[str]:

@@ -6,6 +6,7 @@ unallocated or zero (a raw file gets holes, a qcow2 unallocated clusters).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import nbd
 
-from vmdp.errors import HypervisorError, RepositoryError
+from vmdp.errors import HypervisorError, RepositoryError, UsageError
 
 BLOCK = 64 << 10  # zero runs shorter than this are written; longer ones left as holes
 _ZERO_BLOCK = memoryview(bytes(BLOCK))
@@ -159,3 +160,37 @@ def open_image(path: Path, fmt: str, capacity: int, connections: int) -> ImageWr
     if fmt == "raw":
         return RawWriter(path, capacity)
     return Qcow2Writer(path, capacity, connections)
+
+
+def upgrade_image(path: Path) -> str:
+    """Make `path` able to hold persistent bitmaps (qcow2 compat 0.10 → 1.1); what was done.
+
+    Like Hyper-V's Update-VMVersion this is offline: qemu-img refuses an image a running
+    VM holds, and that refusal is reported as such.
+    """
+    if not path.exists():
+        raise UsageError(f"{path} does not exist", "give the path of a VM disk image")
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
+    if info.returncode:
+        if "lock" in info.stderr:
+            raise UsageError(f"{path} is in use by a running VM", "stop the VM, upgrade, then start it again")
+        raise UsageError(f"{path} is not a readable disk image: {info.stderr.strip()}")
+    doc = json.loads(info.stdout)
+    fmt = doc["format"]
+    if fmt == "raw":
+        raise UsageError(
+            f"{path} is a raw image: it cannot hold a persistent bitmap",
+            f"convert it with the VM stopped: qemu-img convert -O qcow2 {path} NEW.qcow2, then use NEW.qcow2",
+        )
+    if fmt != "qcow2":
+        raise UsageError(f"{path} is a {fmt} image", "convert it to qcow2 with qemu-img convert -O qcow2")
+    if doc.get("format-specific", {}).get("data", {}).get("compat") == "1.1":
+        return "already qcow2 v3 (compat 1.1): nothing to do"
+    amend = subprocess.run(
+        ["qemu-img", "amend", "-f", "qcow2", "-o", "compat=1.1", str(path)], capture_output=True, text=True
+    )
+    if amend.returncode:
+        if "lock" in amend.stderr:
+            raise UsageError(f"{path} is in use by a running VM", "stop the VM, upgrade, then start it again")
+        raise HypervisorError(f"cannot upgrade {path}: {amend.stderr.strip()}")
+    return "upgraded from qcow2 compat 0.10 to 1.1"
