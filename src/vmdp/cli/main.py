@@ -13,6 +13,7 @@ import click
 
 from vmdp import __version__
 from vmdp.cli.backup_cmd import backup
+from vmdp.cli.maintenance_cmd import expire_group, gc_cmd, repo_group, verify_cmd
 from vmdp.cli.query_cmd import query
 from vmdp.cli.restore_cmd import restore
 from vmdp.cli.upgrade_cmd import upgrade
@@ -33,6 +34,10 @@ cli.add_command(backup)
 cli.add_command(query)
 cli.add_command(restore)
 cli.add_command(upgrade)
+cli.add_command(expire_group)
+cli.add_command(gc_cmd)
+cli.add_command(verify_cmd)
+cli.add_command(repo_group)
 
 
 def _long_options(group: click.Group) -> set[str]:

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+__all__ = ["Table"]
+
 from vmdp.model import Mode, Version
 
 # A pipe gets wide lines instead of rich's 80 columns, so tables stay greppable.

@@ -29,6 +29,10 @@ TOP_KEYS: dict[str, tuple[type, str]] = {
     "workers": (int, "a number of parallel readers per disk, 1 to 64"),
     "allow_transient_tracking": (bool, "true or false"),
     "vm": (dict, "tables [vm.NAME] of per-VM options"),
+    **{
+        f"keep_{k}": (int, "a number of versions or periods, 1 or more")
+        for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+    },
 }
 VM_KEYS: dict[str, tuple[type, str]] = {
     "include_disks": (list, "a list of disk ids or image paths (patterns allowed)"),
@@ -37,6 +41,10 @@ VM_KEYS: dict[str, tuple[type, str]] = {
     "app_consistent_fallback": (str, "'fail' or 'crash'"),
     "agent_socket": (str, "the path of the guest agent's unix socket"),
     "allow_transient_tracking": (bool, "true or false"),
+    **{
+        f"keep_{k}": (int, "a number of versions or periods, 1 or more")
+        for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+    },
 }
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from vmdp.engine.pipeline import backup_disk, planned_bytes
 from vmdp.engine.planning import DiskDecision, decide, version_reason
 from vmdp.engine.progress import NoProgress, Progress
-from vmdp.errors import HypervisorError, UsageError
+from vmdp.errors import HypervisorError, RepositoryError, UsageError
 from vmdp.hypervisor.agent import AgentError, GuestAgent
 from vmdp.hypervisor.qemu import DiskPlan, DiskSnapshot, QemuSession, Snapshot
 from vmdp.model import VM, Disk, DiskVersion, ExcludedDisk, Mode, Version
@@ -280,7 +280,7 @@ def _read_and_commit(
         session.release(snap)
         if not ok:
             session.abort(snap)
-    reasons = {d.disk.name: d.reason or "IFFULL" for d in p.decisions if d.base is None}
+    reasons = {d.name: d.reason or "IFFULL" for d in disks if d.mode is Mode.IFFULL}
     version = Version(
         backup_id=snap.new_point.removeprefix(f"{namespace(repo)}-"),
         vm=p.vm.name,
@@ -310,10 +310,20 @@ def _backup_disk(
     snap: Snapshot, ds: DiskSnapshot, decision: DiskDecision, repo: Repository, opts: BackupOptions
 ) -> DiskVersion:
     disk, prev = decision.disk, decision.base
-    base_index = repo.get_index(prev.index, f"index of {snap.vm_name} {disk.name}") if prev else None
+    base_index = None
+    if prev:
+        try:
+            base_index = repo.get_index(prev.index, f"index of {snap.vm_name} {disk.name}")
+        except RepositoryError as exc:  # damaged or lost: read the whole disk instead
+            log.warning("%s %s: %s; reading the whole disk", snap.vm_name, disk.name, exc.message)
+            decision = DiskDecision(disk, None, "the index of the last version is damaged", decision.tracking)
+            prev = None
+    lost = repo.quarantined() if base_index else set()
+    # self-healing: unchanged slots whose chunk verify found damaged are read again
+    forced = frozenset(i for i, d in enumerate(base_index.digests) if d in lost) if base_index and lost else frozenset()
     control = snap.reader(ds)
     try:
-        total = planned_bytes(control, disk.capacity, repo.chunk_size, prev is not None)
+        total = planned_bytes(control, disk.capacity, repo.chunk_size, prev is not None, forced)
         opts.progress.start(f"{snap.vm_name} {disk.name}", total)
         res = backup_disk(
             lambda: snap.reader(ds),
@@ -324,6 +334,7 @@ def _backup_disk(
             opts.progress.advance,
             control,
             opts.budget,
+            forced,
         )
     finally:
         control.close()

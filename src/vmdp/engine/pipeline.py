@@ -39,20 +39,25 @@ class DiskResult:
 
 
 def slot_work(
-    reader: DiskReader, capacity: int, chunk_size: int, incremental: bool
+    reader: DiskReader, capacity: int, chunk_size: int, incremental: bool, forced: frozenset[int] = frozenset()
 ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """Yield (slot, data ranges inside it) for every slot to compute: changed slots, or all of them."""
+    """Yield (slot, data ranges inside it) for every slot to compute: changed slots, or all of them.
+
+    `forced` slots are read even when unchanged: their chunk was lost (quarantined by verify).
+    """
     window = max(chunk_size, WINDOW // chunk_size * chunk_size)
     for wstart in range(0, capacity, window):
         wlen = min(window, capacity - wstart)
         alloc = [e for e in reader.allocation(wstart, wlen) if e.data]
         if incremental:
+            first, last = wstart // chunk_size, (wstart + wlen - 1) // chunk_size
             slots: list[int] | range = sorted(
                 {
                     s
                     for e in reader.dirty(wstart, wlen)
                     for s in range(e.offset // chunk_size, (e.end - 1) // chunk_size + 1)
                 }
+                | {s for s in forced if first <= s <= last}
             )
         else:
             slots = range(wstart // chunk_size, (wstart + wlen - 1) // chunk_size + 1)
@@ -68,9 +73,11 @@ def slot_work(
             yield slot, parts
 
 
-def planned_bytes(reader: DiskReader, capacity: int, chunk_size: int, incremental: bool) -> int:
+def planned_bytes(
+    reader: DiskReader, capacity: int, chunk_size: int, incremental: bool, forced: frozenset[int] = frozenset()
+) -> int:
     """Bytes a backup of this disk will read: the total of its progress bar."""
-    return sum(b - a for _, parts in slot_work(reader, capacity, chunk_size, incremental) for a, b in parts)
+    return sum(b - a for _, parts in slot_work(reader, capacity, chunk_size, incremental, forced) for a, b in parts)
 
 
 def bounded_map(
@@ -126,6 +133,7 @@ def backup_disk(
     advance: Callable[[int], None],
     control: DiskReader,
     budget: threading.Semaphore | None = None,
+    forced: frozenset[int] = frozenset(),
 ) -> DiskResult:
     """Read the changed (or all allocated) slots of one disk and return its complete new index."""
     chunk_size = repo.chunk_size
@@ -165,7 +173,9 @@ def backup_disk(
         result.read_bytes += nread
 
     try:
-        bounded_map(workers, slot_work(control, capacity, chunk_size, base is not None), work, on_result, budget)
+        bounded_map(
+            workers, slot_work(control, capacity, chunk_size, base is not None, forced), work, on_result, budget
+        )
     finally:
         for r in readers:
             r.close()

@@ -86,6 +86,9 @@ class Catalog:
 
         self._sql(replace)
 
+    def remove(self, backup_id: str) -> None:
+        self._sql(lambda: self._db.execute("DELETE FROM versions WHERE backup_id = ?", (backup_id,)))
+
     def backup_ids(self) -> set[str]:
         return self._sql(lambda: {row[0] for row in self._db.execute("SELECT backup_id FROM versions")})
 

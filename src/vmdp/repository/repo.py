@@ -16,22 +16,21 @@ Order of durability: chunks, then index, then manifest, then catalog row.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-from vmdp.errors import LockedError, NotFound, RepositoryError
+from vmdp.errors import NotFound, RepositoryError
 from vmdp.model import Version
 from vmdp.repository import chunks, manifest
 from vmdp.repository.catalog import Catalog, CatalogDamaged
 from vmdp.repository.files import fsync_dir, os_error, write_atomic
 from vmdp.repository.index import DiskIndex
+from vmdp.repository.locks import SharedDirLocks, vm_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ class Repository:
         self.tmp = root / "tmp"
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._dir_locks = SharedDirLocks(root / "locks")
         self._sweep_tmp()
         self.catalog = self._open_catalog()
 
@@ -117,6 +117,7 @@ class Repository:
 
     def close(self) -> None:
         self.catalog.close()
+        self._dir_locks.close()
 
     # chunks -----------------------------------------------------------------
 
@@ -126,14 +127,18 @@ class Repository:
 
     def _put(self, kind: str, digest: bytes, data: bytes | memoryview) -> int:
         path = self._object_path(kind, digest)
-        if path.exists():
-            return 0
-        try:
-            path.parent.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, path.parent) from exc
-        tag, payload = chunks.encode(data)
-        write_atomic(path, (tag, payload), self.tmp, sync_dir=False)
+        with self._dir_locks.hold(f"{kind}-{path.parent.name}"):
+            try:
+                os.utime(path)  # reused: a newer mtime tells a concurrent GC it is in use again
+                return 0
+            except FileNotFoundError:
+                pass
+            try:
+                path.parent.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise os_error(exc, path.parent) from exc
+            tag, payload = chunks.encode(data)
+            write_atomic(path, (tag, payload), self.tmp, sync_dir=False)
         with self._dirty_lock:
             self._dirty_dirs.add(path.parent)
         return len(tag) + len(payload)
@@ -193,24 +198,45 @@ class Repository:
         self.catalog.replace_all(found)
         return len(found)
 
-    @contextlib.contextmanager
-    def lock_vm(self, vm_uuid: str, vm: str) -> Iterator[None]:
-        """Hold the VM's backup lock; the kernel releases it if this process dies."""
-        path = self.root / "locks" / f"vm-{vm_uuid}.lock"
+    def lock_vm(self, vm_uuid: str, vm: str, what: str = "backup") -> contextlib.AbstractContextManager[None]:
+        """Hold the VM's lock (backup or expiry); the kernel releases it if this process dies."""
+        return vm_lock(self.root / "locks", vm_uuid, vm, what)
+
+    # maintenance ----------------------------------------------------------------
+
+    def manifests(self) -> list[Version]:
+        """Every version, from the manifests themselves (the source of truth)."""
+        return self._manifests()
+
+    def object_dir(self, kind: str) -> Path:
+        return self.root / kind
+
+    def chunk_exists(self, digest: bytes) -> bool:
+        return self._object_path("chunks", digest).exists()
+
+    def quarantined(self) -> set[bytes]:
+        """Digests of chunks moved aside as damaged and not written again since."""
+        qdir = self.root / "quarantine"
+        found = {bytes.fromhex(p.name) for p in qdir.glob("*") if len(p.name) == 64} if qdir.exists() else set()
+        return {d for d in found if not self.chunk_exists(d)}
+
+    def quarantine(self, digest: bytes) -> None:
+        """Move a damaged chunk aside: the next backup that still has its data writes it again."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        path = self._object_path("chunks", digest)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, qdir / path.name)
+            fsync_dir(path.parent)
+
+    def remove_version(self, backup_id: str) -> None:
+        """Forget a version: its manifest, then its catalog row; its objects wait for GC."""
+        path = self.root / "manifests" / f"{backup_id}.json"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path.unlink()
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             raise os_error(exc, path) from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                raise LockedError(
-                    f"another backup of VM {vm} is running (pid {holder})", "wait for it to finish, then retry"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-        finally:
-            os.close(fd)
+        self.catalog.remove(backup_id)
