@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # Debian's python3 matches the python3-libnbd bindings the venv borrows from the system.
 SYSPY  := /usr/bin/python3
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean guest
 
 setup: $(VENV)/.done
 
@@ -23,7 +23,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 
-test: setup lint
+# The small Linux guest with qemu-guest-agent that the quiescing tests boot (cached).
+guest: setup
+	bash scripts/build-test-guest.sh
+
+test: setup lint guest
 	$(VENV)/bin/pytest -q
 
 bench: setup

@@ -116,18 +116,20 @@ def _disks(qmp: Qmp) -> tuple[Disk, ...]:
 
 def agent_socket(qmp: Qmp) -> str | None:
     """The host end of the VM's guest agent channel (org.qemu.guest_agent.0), if it has one."""
-    ports = [p for p in qmp.cmd("qom-list", path="/machine/peripheral") if p["type"].startswith("child<")]
-    for port in ports:
-        path = f"/machine/peripheral/{port['name']}"
-        try:
-            if qmp.cmd("qom-get", path=path, property="name") != AGENT_CHANNEL:
-                continue
-            chardev = qmp.cmd("qom-get", path=path, property="chardev")
-        except QmpCommandError:
-            continue  # not a virtio serial port
+    ports = [
+        f"{base}/{p['name']}"
+        for base in ("/machine/peripheral", "/machine/peripheral-anon")
+        for p in qmp.cmd("qom-list", path=base)
+        if p["type"].startswith("child<virtserialport")
+    ]
+    for path in ports:
+        if qmp.cmd("qom-get", path=path, property="name") != AGENT_CHANNEL:
+            continue
+        chardev = qmp.cmd("qom-get", path=path, property="chardev")
         for dev in qmp.cmd("query-chardev"):
-            if dev["label"] == chardev and dev["filename"].startswith("unix:"):
-                return str(dev["filename"][5:].split(",")[0])
+            filename = dev["filename"].removeprefix("disconnected:")
+            if dev["label"] == chardev and filename.startswith("unix:"):
+                return str(filename[5:].split(",")[0])
     return None
 
 

@@ -58,7 +58,7 @@ class ThrowawayVM:
             "qemu-system-x86_64",
             "-name",
             self.name,
-            *accel(),
+            *self.accel_args(),
             "-m",
             self.memory,
             "-nodefaults",
@@ -104,6 +104,10 @@ class ThrowawayVM:
                     raise
                 time.sleep(0.02)
         return self
+
+    def accel_args(self) -> list[str]:
+        """The accelerator: KVM when /dev/kvm is usable, TCG otherwise; a subclass may choose."""
+        return accel()
 
     def extra_args(self) -> list[str]:
         """More QEMU arguments: a subclass boots a guest here."""
