@@ -151,7 +151,8 @@ def test_group_snapshot_is_one_instant(vms: VmFactory, workdir: Path) -> None:
     writer.stop.set()
     writer.join()
     assert writer.error is None, writer.error
-    assert va.group and va.group == vb.group and va.snapshot_time and vb.snapshot_time  # type: ignore[union-attr]
+    assert va.group and va.group == vb.group  # type: ignore[union-attr]
+    assert va.snapshot_time and va.snapshot_time == vb.snapshot_time  # type: ignore[union-attr]
     disks = {0: restored(repo, va, workdir / "ra")["vda"], 1: restored(repo, vb, workdir / "rb")["vda"]}  # type: ignore[arg-type]
     present = []
     for k in range(writer.done):

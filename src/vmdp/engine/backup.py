@@ -17,6 +17,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -229,9 +230,12 @@ def backup_group(
                 for s in sessions:
                     if s.pause():
                         paused.append(s)
+                instant = time.time()  # no guest of the group writes from here until the resume
                 for s, snap in zip(sessions, snaps, strict=True):
                     s.trigger(snap)
                     triggered.append(snap)
+                for snap in snaps:
+                    snap.taken = instant
             finally:
                 _resume_all(paused)
         except BaseException:
