@@ -142,7 +142,12 @@ def backup_vm_cmd(
                 opts.progress = board.task()
             return opts
 
-        outcomes = _run(vms, policies, repository, options, group, parallel, as_json)
+        # with bars on the terminal, summary lines wait until the bars are done
+        outcomes = _run(vms, policies, repository, options, group, parallel, echo=not as_json and not board)
+    if board and not as_json:
+        for o in outcomes:
+            if o.version:
+                output.stdout.print(output.summary_line(o.version, o.seconds), markup=False)
     _report(outcomes, as_json)
 
 
@@ -153,8 +158,11 @@ def _run(
     options: Any,
     group: bool,
     parallel: int,
-    as_json: bool,
+    echo: bool,
 ) -> list[Outcome]:
+    """Back up each VM (group first, then the others up to `parallel` at once); `echo` prints
+    each VM's summary line as it finishes."""
+
     def one(vm: VM) -> Outcome:
         begun = time.monotonic()
         if vm.uuid_is_name:
@@ -166,8 +174,8 @@ def _run(
                 raise
             return Outcome(vm.name, time.monotonic() - begun, error=exc)
         outcome = Outcome(vm.name, time.monotonic() - begun, version=version)
-        if not as_json:
-            output.stdout.print(output.summary_line(version, outcome.seconds))
+        if echo:
+            output.stdout.print(output.summary_line(version, outcome.seconds), markup=False)
         return outcome
 
     grouped = [vm for vm in vms if group and not policies[vm.name].app_consistent]
@@ -180,8 +188,8 @@ def _run(
             seconds = time.monotonic() - begun
             if isinstance(res, Version):
                 outcomes.append(Outcome(vm.name, seconds, version=res))
-                if not as_json:
-                    output.stdout.print(output.summary_line(res, seconds))
+                if echo:
+                    output.stdout.print(output.summary_line(res, seconds), markup=False)
             else:
                 outcomes.append(Outcome(vm.name, seconds, error=res))
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="vmdp-vm") as pool:

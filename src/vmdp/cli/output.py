@@ -156,37 +156,22 @@ class ProgressBoard:
 
 
 class BarProgress:
-    """One bar at a time on a board: the engine's Progress for one VM."""
+    """One bar at a time on a board: the engine's Progress for one VM, disk after disk."""
 
-    def __init__(self, bar: Progress | None = None) -> None:
-        self._own = bar is None
+    def __init__(self, bar: Progress) -> None:
         self._bar = bar
         self._task: Any = None
 
     def start(self, label: str, total: int) -> None:
-        if self._own:
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=stderr,
-            )
-            self._bar.start()
-        assert self._bar is not None
         self._task = self._bar.add_task(label, total=total or 1)
         if not total:
             self._bar.update(self._task, completed=1)
 
     def advance(self, nbytes: int) -> None:
-        if self._bar is not None and self._task is not None:
+        if self._task is not None:
             self._bar.advance(self._task, nbytes)
 
     def finish(self) -> None:
-        if self._own and self._bar is not None:
-            self._bar.stop()
-            self._bar = None
         self._task = None
 
 

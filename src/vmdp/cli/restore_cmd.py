@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from datetime import date, datetime, time
 from pathlib import Path
@@ -67,8 +68,9 @@ def restore_vm_cmd(
     repository = open_repository(resolve(repo, config=config), create=False)
     version = select_version(repository.versions(name), name, backup_id, pit)
     targets = target_paths(version, Path(target_dir), fmt, vmname, replace)
-    progress = output.BarProgress() if sys.stderr.isatty() else None
-    restored = restore_version(repository, version, targets, workers, progress)
+    board = output.ProgressBoard() if sys.stderr.isatty() else None
+    with board or contextlib.nullcontext():
+        restored = restore_version(repository, version, targets, workers, board.task() if board else None)
     if as_json:
         output.print_json(
             {
