@@ -31,6 +31,7 @@ test: setup lint guest
 	$(VENV)/bin/pytest -q
 
 bench: setup
+	@command -v restic >/dev/null || DEBIAN_FRONTEND=noninteractive $$([ "$$(id -u)" -eq 0 ] || echo sudo) apt-get install -y -q --no-install-recommends restic
 	$(PY) benchmarks/bench_backup.py
 
 clean:

@@ -1,23 +1,28 @@
-"""Benchmark vmdp against the tools that bound it: nbdcopy for reading, qemu-img convert for restoring.
+"""Benchmark vmdp against the tools that bound it (nbdcopy for reading, qemu-img convert for restoring) and restic.
 
 One run, on a throwaway QEMU VM with one qcow2 v3 disk (default 4 GiB) that holds ~50 %
 incompressible random data in scattered extents, the rest unallocated or zero clusters:
 
 1. the disk is filled offline through qemu-nbd, then the VM is started on it;
-2. read limit: ``nbdcopy`` of a fleecing export of the disk (made by vmdp's own QemuSession) to ``null:``;
-3. ``vmdp backup vm`` IFFULL into a fresh repository;
-4. 1 % of the disk is rewritten through QEMU (random, non-overlapping writes spread over the disk),
-   then ``vmdp backup vm`` IFINCR;
-5. ``vmdp restore vm`` of the latest version to qcow2 and raw, against ``qemu-img convert`` of the
-   source image to the same formats; each restored image is checked with ``qemu-img compare``.
+2. read limit: ``nbdcopy`` of a fleecing export of the disk (made by vmdp's own QemuSession) to ``null:``,
+   and to a pipe (the stream restic reads);
+3. peer: ``nbdcopy URI - | restic backup --stdin`` of the same export into a fresh restic repository;
+4. ``vmdp backup vm`` IFFULL into a fresh repository;
+5. 1 % of the disk is rewritten through QEMU (random, non-overlapping writes spread over the disk),
+   then ``vmdp backup vm`` IFINCR, and restic again from a new fleecing export (it reads the whole
+   disk again and dedups: restic has no change tracking);
+6. ``vmdp restore vm`` of the latest version to qcow2 and raw, against ``qemu-img convert`` of the
+   source image to the same formats and ``restic dump`` of its latest snapshot to a raw file; each
+   restored image is checked with ``qemu-img compare``.
 
-Every measured step is one subprocess, timed wall-clock, with its peak RSS from ``os.wait4``
-(taken by a small spawning helper, see `run_timed`).
+Every measured step is one subprocess (or a two-command pipe), timed wall-clock, with its peak RSS from ``os.wait4``
+(taken by a small spawning helper, see `run_timed`), after a ``sync`` that is not timed.
 Page caches are not dropped (that needs root and is unreliable on a shared host): the source
 image is read once as a warm-up before the first measured step, so every step reads from the
 page cache, and each step runs once. See benchmarks/README.md.
 
-Usage: ``.venv/bin/python benchmarks/bench_backup.py [--size 1G] [--json]``.
+Usage: ``.venv/bin/python benchmarks/bench_backup.py [--size 1G] [--json]``; needs ``restic``
+(Debian package ``restic``).
 """
 
 from __future__ import annotations
@@ -96,37 +101,81 @@ class Timed:
     seconds: float
     maxrss_kib: int
     stdout: str
+    source_maxrss_kib: int | None = None  # of the `source` command piped into the measured one
 
 
 # A child's peak RSS (ru_maxrss) starts at its parent's peak when it execs, so the commands are
 # spawned by this small helper process instead of by the benchmark (~50 MiB of imports): their
 # peak RSS has the helper's (~9 MiB, reported as rss_floor_kib) as a floor instead. The helper
-# ignores SIGTERM and the command gets it by default, so stopping the process group lets vmdp
-# clean up and the helper still reap it.
+# ignores SIGTERM and the commands get it by default, so stopping the process group lets vmdp
+# clean up and the helper still reap it. Its arguments: the report file, the file the last
+# command's stdout goes to ("" for the helper's own), then each command as its length and its
+# words; consecutive commands are joined by pipes (``a | b``), and each one's status and peak RSS
+# are reported separately (wait4 per child).
 _SPAWN_HELPER = """\
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 start = time.perf_counter()
 defaults = (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ, setsigdef=defaults)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(f"{usage.ru_maxrss} {time.perf_counter() - start}")
-sys.exit(os.waitstatus_to_exitcode(status))
+report, output, rest, cmds = sys.argv[1], sys.argv[2], sys.argv[3:], []
+while rest:
+    n = int(rest[0])
+    cmds.append(rest[1 : n + 1])
+    rest = rest[n + 1 :]
+pids, prev = [], None
+for i, cmd in enumerate(cmds):
+    actions = [] if prev is None else [(os.POSIX_SPAWN_DUP2, prev, 0)]
+    if i < len(cmds) - 1:
+        r, w = os.pipe()
+        actions.append((os.POSIX_SPAWN_DUP2, w, 1))
+    elif output:
+        actions.append((os.POSIX_SPAWN_OPEN, 1, output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    pids.append(os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=actions, setsigdef=defaults))
+    if prev is not None:
+        os.close(prev)
+    if i < len(cmds) - 1:
+        os.close(w)
+        prev = r
+done = []
+for pid in pids:
+    _, status, usage = os.wait4(pid, 0)
+    done.append((usage.ru_maxrss, os.waitstatus_to_exitcode(status)))
+with open(report, "w") as f:
+    f.write(" ".join([str(time.perf_counter() - start)] + [f"{rss}:{code}" for rss, code in done]))
+sys.exit(1 if any(code for _, code in done) else 0)
 """
 
 
-def run_timed(cmd: Sequence[str], logdir: Path) -> Timed:
-    """Run `cmd` to completion; its wall time and peak RSS (the max over it and the children it reaped)."""
+def run_timed(
+    cmd: Sequence[str],
+    logdir: Path,
+    *,
+    source: Sequence[str] | None = None,
+    output: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Timed:
+    """Run `cmd` to completion; its wall time and peak RSS (the max over it and the children it reaped).
+
+    `source`: a command whose stdout is piped into `cmd` (``source | cmd``); the time is until both
+    exit, the peak RSS is `cmd`'s (`source`'s is reported apart). `output`: a file that gets `cmd`'s
+    stdout (``cmd > output``) instead of `Timed.stdout`. `env`: the whole environment of the commands.
+    Dirty pages are written back (``sync``, not timed) first, so no step pays for an earlier one's.
+    """
     logdir.mkdir(parents=True, exist_ok=True)
     report = logdir / "rusage"
     report.unlink(missing_ok=True)
+    cmds = [list(source), list(cmd)] if source else [list(cmd)]
+    argv = [str(report), str(output) if output else ""]
+    for c in cmds:
+        argv += [str(len(c)), *c]
+    os.sync()
     with tempfile.TemporaryFile(dir=logdir) as out, tempfile.TemporaryFile(dir=logdir) as err:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SPAWN_HELPER, str(report), *cmd],
+            [sys.executable, "-I", "-S", "-c", _SPAWN_HELPER, *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
+            env=env,
             start_new_session=True,
         )
         try:
@@ -137,11 +186,18 @@ def run_timed(cmd: Sequence[str], logdir: Path) -> Timed:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if proc.returncode:
+    fields = report.read_text().split() if report.exists() else []
+    if proc.returncode or len(fields) != len(cmds) + 1:
+        try:  # a helper that failed between two spawns leaves the first command alone in the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         tail = "\n".join(stderr.strip().splitlines()[-10:])
-        raise BenchError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
-    rss, seconds = report.read_text().split()
-    return Timed(float(seconds), int(rss), stdout)
+        codes = [int(f.split(":")[1]) for f in fields[1:]] or [proc.returncode] * len(cmds)
+        status = ", ".join(f"{c[0]} exited with {code}" for c, code in zip(cmds, codes, strict=False))
+        raise BenchError(f"{' | '.join(' '.join(c) for c in cmds)}: {status}:\n{tail}")
+    rss = [int(f.split(":")[0]) for f in fields[1:]]
+    return Timed(float(fields[0]), rss[-1], stdout, rss[0] if source else None)
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -158,8 +214,8 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def check_output(cmd: Sequence[str]) -> str:
-    proc = subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+def check_output(cmd: Sequence[str], env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise BenchError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
@@ -171,6 +227,18 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def tree_bytes(path: Path) -> int:
+    """The apparent size of every file under `path` (a repository's size, as ``du -sb`` counts it)."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def warm_up(path: Path) -> float:
@@ -362,6 +430,14 @@ class Results:
             out[f"restore_{fmt}_time_vs_qemu_img"] = div(
                 value(f"restore_{fmt}", "seconds"), value(f"convert_{fmt}", "seconds")
             )
+        n = self.notes
+        out |= {
+            "restic_full_time_vs_ifull": div(value("restic_full", "seconds"), value("ifull", "seconds")),
+            "restic_incr_time_vs_ifincr": div(value("restic_incr", "seconds"), value("ifincr", "seconds")),
+            "restic_repo_vs_vmdp_full": div(n.get("restic_repo_bytes_full"), n.get("vmdp_repo_bytes_full")),
+            "restic_repo_vs_vmdp": div(n.get("restic_repo_bytes"), n.get("vmdp_repo_bytes")),
+            "restic_dump_time_vs_restore_raw": div(value("restic_dump", "seconds"), value("restore_raw", "seconds")),
+        }
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -377,6 +453,11 @@ RATIO_TITLES = {
     "ifull_stored_vs_read": "vmdp IFFULL bytes stored ÷ bytes read",
     "restore_qcow2_time_vs_qemu_img": "vmdp restore qcow2 time ÷ qemu-img convert qcow2 time",
     "restore_raw_time_vs_qemu_img": "vmdp restore raw time ÷ qemu-img convert raw time",
+    "restic_full_time_vs_ifull": "restic full time ÷ vmdp IFFULL time",
+    "restic_incr_time_vs_ifincr": "restic incremental time ÷ vmdp IFINCR time",
+    "restic_repo_vs_vmdp_full": "restic repo size ÷ vmdp repo size, after the full backups",
+    "restic_repo_vs_vmdp": "restic repo size ÷ vmdp repo size, after both backups",
+    "restic_dump_time_vs_restore_raw": "restic dump → raw time ÷ vmdp restore raw time",
 }
 
 
@@ -422,6 +503,19 @@ def print_table(res: Results, out: TextIO) -> None:
         f" vmdp CLI start-up {n.get('cli_startup_seconds', 0):.2f}s (included in vmdp times)",
         file=out,
     )
+    print(
+        f"repositories after both backups: vmdp {human(n.get('vmdp_repo_bytes'))},"
+        f" restic {human(n.get('restic_repo_bytes'))} ({h.get('restic', '?')}, repository format"
+        f" v{n.get('restic_repo_version', '?')}, compression at its default);"
+        f" restic CLI start-up {n.get('restic_startup_seconds', 0):.2f}s (included in restic times)",
+        file=out,
+    )
+    print(
+        "restic backup rows: bytes = the whole disk streamed by `nbdcopy URI -` (zeros included: compare times,"
+        " not MB/s), stored = growth of the restic repository; restic rows' peak RSS is restic's"
+        " (nbdcopy's is in the JSON)",
+        file=out,
+    )
     floor = n.get("rss_floor_kib")
     print(
         "page cache warm (source image read once before the first step); each step run once;"
@@ -432,6 +526,14 @@ def print_table(res: Results, out: TextIO) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
+
+
+@dataclass(frozen=True)
+class Export:
+    uri: str  # nbd+unix:///vda?socket=…
+    capacity: int  # bytes of the disk
+    allocated: int  # bytes NBD block status reports as data
+    setup_seconds: float  # of the fleecing snapshot and export
 
 
 def fs_type(path: Path) -> str:
@@ -471,6 +573,7 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "qemu": first_line(["qemu-system-x86_64", "--version"]),
         "nbdcopy": first_line(["nbdcopy", "--version"]),
+        "restic": " ".join(first_line(["restic", "version"]).split()[:2]),
         "kvm": os.access("/dev/kvm", os.R_OK | os.W_OK),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "load_after": None,
@@ -483,6 +586,12 @@ class Bench:
         self.work = work
         self.scratch = work / "scratch"
         self.repo = work / "repo"
+        self.restic_repo = work / "restic-repo"
+        # restic's own environment: a password, and its cache in the work dir (removed with it)
+        self.restic_env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")} | {
+            "RESTIC_PASSWORD": "vmdp-bench",
+            "RESTIC_CACHE_DIR": str(work / "restic-cache"),
+        }
         self.logs = work / "logs"
         self.vmdp = vmdp_command()
         self.rng = random.Random(args.seed)
@@ -516,53 +625,130 @@ class Bench:
         n["warmup_seconds"] = round(warm_up(image), 2)
         n["cli_startup_seconds"] = round(run_timed([*self.vmdp, "--version"], self.logs).seconds, 3)
         n["rss_floor_kib"] = run_timed(["true"], self.logs).maxrss_kib
+        self.restic_init()
 
-        self.read_limit()
+        with self.export("readlimit") as export:
+            n["snapshot_setup_seconds"] = export.setup_seconds
+            self.read_limit(export)
+            self.restic_backup("restic_full", "restic backup --stdin (full)", export)
+        n["restic_repo_bytes_full"] = tree_bytes(self.restic_repo)
         self.backup("ifull", "vmdp backup IFFULL", expect="IFFULL", mode="iffull")
+        n["vmdp_repo_bytes_full"] = tree_bytes(self.repo)
         self.change()
         self.backup("ifincr", "vmdp backup IFINCR (1% changed)", expect="IFINCR", mode="ifincr")
+        n["vmdp_repo_bytes"] = tree_bytes(self.repo)
+        with self.export("restic") as export:
+            self.restic_backup("restic_incr", "restic backup --stdin (1% changed)", export)
+        n["restic_repo_bytes"] = tree_bytes(self.restic_repo)
         self.restores()
         self.res.host["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         return self.res
 
-    def read_limit(self) -> None:
-        """nbdcopy of a fleecing export made by vmdp's QemuSession, to null:."""
+    @contextmanager
+    def export(self, point: str) -> Iterator[Export]:
+        """A fleecing export of the disk, made by vmdp's own QemuSession as `vmdp backup` makes one."""
         vm_info = find_vm([str(self.vm.qmp_path)], VM_NAME)
         disk = next(d for d in vm_info.disks if d.name == DISK)
         self.scratch.mkdir(parents=True, exist_ok=True)
         session = QemuSession(vm_info, self.scratch, NAMESPACE)
         try:
             start = time.perf_counter()
-            snap = session.snapshot([DiskPlan(disk, None)], f"{NAMESPACE}-readlimit")
-            self.res.notes["snapshot_setup_seconds"] = round(time.perf_counter() - start, 3)
+            snap = session.snapshot([DiskPlan(disk, None)], f"{NAMESPACE}-{point}")
+            setup = round(time.perf_counter() - start, 3)
             try:
                 ds = snap.disks[0]
-                uri = f"nbd+unix:///{ds.export}?socket={snap.socket}"
                 reader = NbdReader(str(snap.socket), ds.export)
                 try:
                     allocated = sum(e.length for e in reader.allocation(0, disk.capacity) if e.data)
                 finally:
                     reader.close()
-                info = json.loads(check_output(["nbdinfo", "--json", uri]))
-                exports = info.get("exports") or [{}]
-                self.res.notes["export_multi_conn"] = exports[0].get("can_multi_conn")
-                cmd = ["nbdcopy", uri, "null:"]
-                timed = run_timed(cmd, self.logs)
-                self.res.add(
-                    Step(
-                        "nbdcopy",
-                        "nbdcopy fleecing export → null: (read limit)",
-                        allocated,
-                        timed.seconds,
-                        timed.maxrss_kib,
-                        extra={"command": " ".join(cmd)},
-                    )
-                )
+                yield Export(f"nbd+unix:///{ds.export}?socket={snap.socket}", disk.capacity, allocated, setup)
             finally:
                 session.release(snap)
                 session.abort(snap)
         finally:
             session.close()
+
+    def read_limit(self, export: Export) -> None:
+        """nbdcopy of the fleecing export to null: (the read limit) and to a pipe (the stream restic reads)."""
+        info = json.loads(check_output(["nbdinfo", "--json", export.uri]))
+        exports = info.get("exports") or [{}]
+        self.res.notes["export_multi_conn"] = exports[0].get("can_multi_conn")
+        cmd = ["nbdcopy", export.uri, "null:"]
+        timed = run_timed(cmd, self.logs)
+        self.res.add(
+            Step(
+                "nbdcopy",
+                "nbdcopy fleecing export → null: (read limit)",
+                export.allocated,
+                timed.seconds,
+                timed.maxrss_kib,
+                extra={"command": " ".join(cmd)},
+            )
+        )
+        # What restic gets: the whole disk through a pipe, zeros included, read by a consumer that does nothing.
+        source = ["nbdcopy", export.uri, "-"]
+        timed = run_timed(["cat"], self.logs, source=source, output=Path(os.devnull))
+        self.res.add(
+            Step(
+                "nbdcopy_pipe",
+                "nbdcopy fleecing export → pipe (stream limit)",
+                export.capacity,
+                timed.seconds,
+                timed.source_maxrss_kib,
+                extra={"command": f"{' '.join(source)} | cat > /dev/null"},
+            )
+        )
+
+    # restic ------------------------------------------------------------------------------------
+
+    def restic(self, *args: str) -> list[str]:
+        return ["restic", "--repo", str(self.restic_repo), *args]
+
+    def restic_init(self) -> None:
+        """A fresh local restic repository (untimed), and restic's start-up time (open, key derivation)."""
+        check_output(self.restic("init"), env=self.restic_env)
+        config = json.loads(check_output(self.restic("cat", "config"), env=self.restic_env))
+        self.res.notes["restic_repo_version"] = config.get("version")
+        timed = run_timed(self.restic("cat", "config"), self.logs, env=self.restic_env)
+        self.res.notes["restic_startup_seconds"] = round(timed.seconds, 3)
+
+    def restic_backup(self, key: str, title: str, export: Export) -> None:
+        """``nbdcopy URI - | restic backup --stdin``: restic reads the whole disk and dedups (no change tracking)."""
+        source = ["nbdcopy", export.uri, "-"]
+        cmd = self.restic("backup", "--stdin", "--stdin-filename", f"{DISK}.raw", "--host", VM_NAME)
+        cmd += ["--json", "--quiet"]
+        before = tree_bytes(self.restic_repo)
+        timed = run_timed(cmd, self.logs, source=source, env=self.restic_env)
+        summaries = [
+            doc
+            for line in timed.stdout.splitlines()
+            if line.startswith("{") and (doc := json.loads(line)).get("message_type") == "summary"
+        ]
+        if not summaries:
+            raise BenchError(f"restic backup printed no summary: {timed.stdout.strip()[-500:]}")
+        summary = summaries[-1]
+        if summary["total_bytes_processed"] != export.capacity:
+            raise BenchError(
+                f"restic read {summary['total_bytes_processed']} bytes from the export of {export.capacity} bytes"
+            )
+        self.res.add(
+            Step(
+                key,
+                title,
+                summary["total_bytes_processed"],
+                timed.seconds,
+                timed.maxrss_kib,
+                stored_bytes=tree_bytes(self.restic_repo) - before,
+                extra={
+                    "snapshot_id": summary.get("snapshot_id"),
+                    "data_added": summary.get("data_added"),
+                    "data_blobs": summary.get("data_blobs"),
+                    "nbdcopy_maxrss_kib": timed.source_maxrss_kib,
+                    "command": f"{' '.join(source)} | {' '.join(cmd)}",
+                },
+            )
+        )
 
     def backup(self, key: str, title: str, expect: str, mode: str) -> None:
         cmd = [
@@ -669,7 +855,26 @@ class Bench:
             )
             converted.unlink()
 
-    def compare(self, image: Path, restored: Path, fmt: str) -> None:
+        # restic restores a stdin backup as the stream it read: dumped to a (dense) raw image
+        dumped = self.work / "restic-dump.raw"
+        cmd = self.restic("dump", "latest", f"{DISK}.raw")
+        timed = run_timed(cmd, self.logs, output=dumped, env=self.restic_env)
+        start = time.perf_counter()
+        fsync_path(dumped)  # as for qemu-img convert: restic does not fsync what it dumps
+        self.res.add(
+            Step(
+                "restic_dump",
+                "restic dump latest → raw (+ fsync)",
+                size,
+                timed.seconds + time.perf_counter() - start,
+                timed.maxrss_kib,
+                extra={"command": f"{' '.join(cmd)} > {dumped.name}", "written_bytes": dumped.stat().st_size},
+            )
+        )
+        self.compare(image, dumped, "raw", "restic_dump_identical")
+        dumped.unlink()
+
+    def compare(self, image: Path, restored: Path, fmt: str, note: str | None = None) -> None:
         if self.args.no_verify:
             return
         proc = subprocess.run(
@@ -680,7 +885,7 @@ class Bench:
         )
         if proc.returncode:
             raise BenchError(f"restored {restored} differs from {image}: {(proc.stdout + proc.stderr).strip()}")
-        self.res.notes[f"restore_{fmt}_identical"] = True
+        self.res.notes[note or f"restore_{fmt}_identical"] = True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -727,6 +932,11 @@ def main(argv: list[str] | None = None) -> int:
     bench: Bench | None = None
     ok = False
     try:
+        if shutil.which("restic") is None:
+            raise BenchError(
+                "restic not found on PATH: the benchmark compares vmdp with restic;"
+                " install the Debian package `restic` (apt-get install restic)"
+            )
         longest = max(len(str(work / f"{VM_NAME}.lab.sock")), len(str(work / "scratch" / "123456789012-abcdef.nbd")))
         if longest > SOCKET_MAX:
             raise BenchError(f"--workdir {args.workdir} is too long for unix socket paths: pick a shorter one")
