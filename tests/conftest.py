@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,15 +72,32 @@ class Run:
         return json.loads(self.out)
 
 
-@pytest.fixture
-def vmdp(workdir: Path) -> Any:
-    env = {
+def cli_env(workdir: Path, qmp: Path | str | None = None, repo: Path | None = None) -> dict[str, str]:
+    """The environment of a vmdp command in a test: repository, sockets and scratch in the work dir."""
+    return {
         **os.environ,
-        "VMDP_REPO": str(workdir / "repo"),
-        "VMDP_QMP": str(workdir / "*.qmp"),
+        "VMDP_REPO": str(repo or workdir / "repo"),
+        "VMDP_QMP": str(qmp or workdir / "*.qmp"),
         "VMDP_SCRATCH": str(workdir / "scratch"),
         "VMDP_CONFIG": "",
     }
+
+
+def spawn_vmdp(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start a vmdp command in the background (to kill it, or to run beside another)."""
+    return subprocess.Popen([*VMDP, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after(proc: subprocess.Popen[str], delay: float) -> None:
+    """SIGKILL `proc` after `delay` seconds: no clean-up of its own can run."""
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+@pytest.fixture
+def vmdp(workdir: Path) -> Any:
+    env = cli_env(workdir)
 
     def run(*args: str, env_extra: dict[str, str] | None = None) -> Run:
         proc = subprocess.run(

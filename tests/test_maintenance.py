@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import VmFactory
+from conftest import VmFactory, cli_env, kill_after, spawn_vmdp
 from disk_model import DiskModel
 from engine_helpers import backup, restored
 from vmdp.errors import CorruptData, RepositoryError
@@ -82,20 +80,7 @@ def test_gc_while_a_backup_runs(vms: VmFactory, workdir: Path) -> None:
     repo, model, made = make_versions(vms, workdir, rounds=2)
     repo.remove_version(made[0][0].backup_id)  # garbage for GC to find
     model.write_data("vda", 0, os.urandom(14 * MiB))
-    env = {
-        **os.environ,
-        "VMDP_REPO": str(workdir / "repo"),
-        "VMDP_QMP": str(model.vm.qmp_path),
-        "VMDP_SCRATCH": str(workdir / "scratch"),
-        "VMDP_CONFIG": "",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmdp", "backup", "vm", "vm1", "--workers", "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_vmdp("backup", "vm", "vm1", "--workers", "1", env=cli_env(workdir, model.vm.qmp_path))
     runs = 0
     while proc.poll() is None or runs == 0:
         gc(repo, grace=0)  # no grace at all: only the running backup's start protects its chunks
@@ -113,18 +98,10 @@ def test_gc_killed_at_random_points_loses_nothing(vms: VmFactory, workdir: Path)
     repo, _, made = make_versions(vms, workdir, rounds=5)
     for v, _ in made[:3]:
         repo.remove_version(v.backup_id)
-    env = {**os.environ, "VMDP_REPO": str(workdir / "repo"), "VMDP_CONFIG": ""}
+    env = cli_env(workdir)
     rng = random.Random(7)
     for _ in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vmdp", "gc", "--grace", "0"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(0.25, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_after(spawn_vmdp("gc", "--grace", "0", env=env), rng.uniform(0.25, 0.6))
         for v, expected in made[3:]:
             assert restored(repo, v, workdir / "out") == expected
     final = subprocess.run([sys.executable, "-m", "vmdp", "gc", "--grace", "0"], env=env, capture_output=True)

@@ -4,17 +4,12 @@ version restore bit-identical."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import VmFactory, assert_clean
+from conftest import VmFactory, assert_clean, cli_env, kill_after, spawn_vmdp
 from disk_model import DiskModel
 from engine_helpers import backup, restored
 from vmdp.hypervisor.qmp import QmpCommandError
@@ -59,22 +54,8 @@ def test_random_fault_sequence(vms: VmFactory, workdir: Path, seed: int) -> None
             vm = model.vm = vms.restart(vm, kill=True)
         elif op == "kill-vmdp":
             known = {v.backup_id for v in repo.versions()}
-            env = {
-                **os.environ,
-                "VMDP_REPO": str(repo_path),
-                "VMDP_QMP": str(vm.qmp_path),
-                "VMDP_SCRATCH": str(scratch),
-                "VMDP_CONFIG": "",
-            }
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "vmdp", "backup", "vm", vm.name, "--workers", "1"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(rng.uniform(0.2, 0.9))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            env = cli_env(workdir, vm.qmp_path, repo_path)
+            kill_after(spawn_vmdp("backup", "vm", vm.name, "--workers", "1", env=env), rng.uniform(0.2, 0.9))
             repo.close()
             repo = Repository.open(repo_path, create=False)  # a killed commit may need the catalog caught up
             for v in repo.versions():

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from conftest import cli_env
+
 MiB = 1 << 20
 GiB = 1 << 30
 RSS_LIMIT = 200 * MiB
@@ -44,13 +46,7 @@ def test_large_sparse_multi_disk_backup_has_bounded_memory(vms, workdir: Path) -
         written += 80 * MiB
     vm.write_data("vdb", GiB - 4096, os.urandom(64 * MiB))
     written += 64 * MiB
-    env = {
-        **os.environ,
-        "VMDP_REPO": str(workdir / "repo"),
-        "VMDP_QMP": str(vm.qmp_path),
-        "VMDP_SCRATCH": str(workdir / "scratch"),
-        "VMDP_CONFIG": "",
-    }
+    env = cli_env(workdir, vm.qmp_path)
     code, rss, err = run_measured(["backup", "vm", "vm1"], env)
     assert code == 0, err
     assert written > 3 * RSS_LIMIT and rss < RSS_LIMIT, f"peak RSS {rss / MiB:.0f} MiB"
