@@ -202,7 +202,8 @@ def preview_report(docs: list[dict[str, Any]]) -> None:
         table = Table(box=None, pad_edge=False)
         for col in ("Disk", "Location", "Format", "Capacity", "Allocated", "Mode", "Tracking", "Why"):
             table.add_column(col)
-        for d in doc["disks"]:
+        excluded = {"mode": "excluded", "tracking": "-", "reason": "excluded by include/exclude rules"}
+        for d in [*doc["disks"], *({**x, **excluded} for x in doc["excluded_disks"])]:
             table.add_row(
                 d["name"],
                 d["location"],
@@ -212,17 +213,6 @@ def preview_report(docs: list[dict[str, Any]]) -> None:
                 d["mode"],
                 d["tracking"],
                 d["reason"],
-            )
-        for d in doc["excluded_disks"]:
-            table.add_row(
-                d["name"],
-                d["location"],
-                d["format"],
-                size(d["capacity"]),
-                size(d["allocated"]),
-                "excluded",
-                "-",
-                "excluded by include/exclude rules",
             )
         stdout.print(table)
         for problem in doc["problems"]:
