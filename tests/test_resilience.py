@@ -17,6 +17,7 @@ from vmdp.engine import backup as backup_module
 from vmdp.errors import RepositoryError
 from vmdp.hypervisor.nbd import NbdReader
 from vmdp.hypervisor.qemu import QemuSession
+from vmdp.hypervisor.qmp import QmpCommandError
 from vmdp.model import Mode, Version
 from vmdp.repository import Repository
 from vmdp.testing.vm import ThrowawayVM
@@ -400,3 +401,30 @@ def test_versions_without_tracking_point_lead_to_iffull_then_ifincr(vms, workdir
     second = backup(vm, repo, workdir / "scratch")
     assert second.mode is Mode.IFINCR
     assert restored(repo, second, workdir / "out") == model.snapshot()
+
+
+def test_cleanup_frees_qemu_after_a_killed_run(vms, vmdp, workdir: Path) -> None:
+    vm = vms(disks={"vda": 256 * MiB})
+    model = DiskModel(vm)
+    model.write_data("vda", 0, os.urandom(64 * MiB))
+    first = vmdp("backup", "vm", "vm1", "--json").json()[0]
+    model.write_data("vda", 0, os.urandom(128 * MiB))
+    proc = spawn_vmdp("backup", "vm", "vm1", "--workers", "1", env=cli_env(workdir, vm.qmp_path))
+    deadline = time.monotonic() + 30
+    while not vm.query("query-block-exports") and time.monotonic() < deadline:  # reading has begun
+        time.sleep(0.005)
+    kill_after(proc, 0)
+    assert vm.query("query-jobs"), "the kill did not land while the backup ran"
+    with pytest.raises(QmpCommandError, match="in use"):  # the leftover snapshot job holds the disk
+        vm.query("block_resize", **{"node-name": "d-vda"}, size=300 * MiB)
+    run = vmdp("cleanup", "vm", "vm1", "--json")
+    assert run.code == 0, run.err
+    removed = run.json()[0]["removed"]
+    assert any("NBD export" in r for r in removed) and any("block job" in r for r in removed)
+    assert_clean(vm, workdir / "scratch", {"vda": first["disks"][0]["tracking_point"]})
+    again = vmdp("cleanup", "vm", "vm1")
+    assert again.code == 0 and "nothing left behind" in again.out
+    nxt = vmdp("backup", "vm", "vm1", "--json").json()[0]
+    assert nxt["mode"] == "IFINCR"
+    repo = Repository.open(workdir / "repo", create=False)
+    assert restored(repo, repo.versions()[-1], workdir / "out") == model.snapshot()

@@ -13,6 +13,7 @@ import click
 
 from vmdp import __version__
 from vmdp.cli.backup_cmd import backup
+from vmdp.cli.cleanup_cmd import cleanup
 from vmdp.cli.maintenance_cmd import expire_group, gc_cmd, repo_group, verify_cmd
 from vmdp.cli.query_cmd import query
 from vmdp.cli.restore_cmd import restore
@@ -34,6 +35,7 @@ cli.add_command(backup)
 cli.add_command(query)
 cli.add_command(restore)
 cli.add_command(upgrade)
+cli.add_command(cleanup)
 cli.add_command(expire_group)
 cli.add_command(gc_cmd)
 cli.add_command(verify_cmd)

@@ -358,3 +358,14 @@ def _backup_disk(
         granularity=ds.granularity,
         tracking=decision.tracking,
     )
+
+
+def cleanup_vm(vm: VM, repo: Repository, scratch: Path) -> list[str]:
+    """Remove what a killed or failed vmdp run left in QEMU and in the scratch directory, now.
+
+    Only vmdp's own objects go; the tracking point the catalog expects stays, so nothing is lost.
+    """
+    opts = BackupOptions(scratch=scratch)
+    with _session(vm, repo, opts) as session:
+        last = last_version(repo, vm)
+        return session.sweep({d.name: d.tracking_point for d in last.disks} if last else {})
