@@ -14,7 +14,7 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from vmdp.errors import NotFound
+from vmdp.errors import VmdpError
 from vmdp.hypervisor.qmp import Qmp
 
 
@@ -89,7 +89,15 @@ class ThrowawayVM:
             ]
         args += self.extra_args()
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
+        try:
+            self._connect_lab(time.monotonic() + 30)
+        except BaseException:
+            self.stop(kill=True)  # never leave a QEMU nobody will stop
+            raise
+        return self
+
+    def _connect_lab(self, deadline: float) -> None:
+        assert self.proc is not None
         while not (self.qmp_path.exists() and self.lab_path.exists()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -98,12 +106,11 @@ class ThrowawayVM:
         while True:
             try:
                 self._lab = Qmp(str(self.lab_path))
-                break
-            except NotFound:  # QEMU creates the socket file just before it listens on it
+                return
+            except VmdpError:  # QEMU creates the socket file just before it listens on it
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        return self
 
     def accel_args(self) -> list[str]:
         """The accelerator: KVM when /dev/kvm is usable, TCG otherwise; a subclass may choose."""
