@@ -164,6 +164,7 @@ def backup_vm(vm: VM, repo: Repository, opts: BackupOptions, policy: VmPolicy | 
                 consistency = CRASH
         except BaseException:
             session.release(snap)
+            session.abort(snap)  # the trigger may have created the new point before the failure
             raise
         return _read_and_commit(session, snap, p, repo, opts, started, consistency, None)
 
@@ -196,6 +197,11 @@ def _quiesced_trigger(session: QemuSession, snap: Snapshot, policy: VmPolicy) ->
     finally:
         try:
             agent.thaw()
+        except AgentError as exc:
+            raise AgentError(
+                f"VM {name}: {exc.message}: its filesystems may still be frozen",
+                "thaw them with the guest agent command guest-fsfreeze-thaw, or reboot the guest",
+            ) from None
         finally:
             agent.close()
     return APPLICATION
