@@ -155,8 +155,9 @@ def verify_cmd(
     if board:
         with board:
             task = board.task()
-            task.start("verify", sum(d.capacity for v in versions for d in v.disks))
-            report = maintenance.verify(repository, versions, workers, task.advance)
+            report = maintenance.verify(
+                repository, versions, workers, task.advance, lambda n: task.start("verify chunks", n)
+            )
     else:
         report = maintenance.verify(repository, versions, workers)
     if as_json:

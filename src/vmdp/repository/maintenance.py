@@ -113,7 +113,11 @@ def _ranges(index: DiskIndex, slots: list[int]) -> list[tuple[int, int]]:
 
 
 def verify(
-    repo: Repository, versions: list[Version], workers: int = 4, advance: Callable[[int], None] | None = None
+    repo: Repository,
+    versions: list[Version],
+    workers: int = 4,
+    advance: Callable[[int], None] | None = None,
+    total: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Read every chunk the versions reference (each once) and check manifests, indexes and digests.
 
@@ -138,6 +142,9 @@ def verify(
             for slot, digest in enumerate(index.digests):
                 if digest != ZERO_DIGEST:
                     users[digest].append((v, d.name, index, slot))
+
+    if total:
+        total(sum(u[0][2].slot_range(u[0][3])[1] for u in users.values()))
 
     def check(digest: bytes) -> tuple[bytes, str | None, int]:
         _, length = users[digest][0][2].slot_range(users[digest][0][3])
