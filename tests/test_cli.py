@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -185,3 +186,27 @@ def test_vm_without_uuid_is_keyed_by_name_with_a_warning(vms, vmdp) -> None:
     assert run.json()[0]["uuid"] == "vm1"
     again = vmdp("backup", "vm", "vm1", "--json")
     assert again.json()[0]["mode"] == "IFINCR"
+
+
+def test_pittime_picks_the_latest_version_at_or_before_it(vms, vmdp, workdir: Path) -> None:
+    vms()
+    first = vmdp("backup", "vm", "vm1", "--json").json()[0]
+    finished = datetime.fromisoformat(first["finished"]).astimezone()  # --pittime is local time
+    at = finished.replace(microsecond=0) + timedelta(seconds=1)
+    while datetime.now().astimezone() < at + timedelta(seconds=1):  # the next version is after `at`
+        time.sleep(0.05)
+    second = vmdp("backup", "vm", "vm1", "--json").json()[0]
+    run = vmdp(
+        "restore",
+        "vm",
+        "vm1",
+        "-pitdate=" + at.date().isoformat(),
+        "-pittime=" + at.strftime("%H:%M:%S"),
+        "--target-dir",
+        str(workdir / "r"),
+        "--json",
+    )
+    assert run.code == 0, run.err
+    assert run.json()["backup_id"] == first["backup_id"] != second["backup_id"]
+    latest = vmdp("restore", "vm", "vm1", "--target-dir", str(workdir / "r2"), "--json")
+    assert latest.json()["backup_id"] == second["backup_id"]
