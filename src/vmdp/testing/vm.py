@@ -68,7 +68,7 @@ class ThrowawayVM:
             "-serial",
             self.serial,
             "-boot",
-            "menu=off",
+            "menu=off,strict=on",  # boot no disk: tests write random data into sector 0
             "-qmp",
             f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp",
